@@ -1,0 +1,44 @@
+//! Greedy sampling on the GPU: only one id per row comes back.
+
+use super::{expect_dtype, expect_len, wgsl};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::pipeline::Kernel;
+use crate::recorder::{grid, Step};
+use crate::tensor::Tensor;
+
+const SRC: &str = wgsl!("argmax.wgsl");
+
+fn kernel() -> Kernel {
+    Kernel::new("argmax.wgsl", SRC, "argmax")
+}
+
+pub(crate) fn variants() -> Vec<Kernel> {
+    vec![kernel()]
+}
+
+/// `ids[m] = argmax(logits[m, :])`, lowest index on ties.
+pub fn argmax(step: &mut Step, logits: &Tensor, ids: &Tensor) -> Result<()> {
+    expect_dtype("argmax", logits, DType::F32)?;
+    expect_dtype("argmax", ids, DType::U32)?;
+    let n = logits.dim_back(0);
+    let m = logits.rows();
+    expect_len("argmax", "ids", ids, m)?;
+    step.dispatch(&kernel(), &[logits, ids], &[m as u32, n as u32], grid(step.ctx, m))
+}
+
+pub mod cpu {
+    pub fn argmax(x: &[f32], n: usize) -> Vec<u32> {
+        x.chunks(n)
+            .map(|row| {
+                let mut best = 0;
+                for (i, v) in row.iter().enumerate() {
+                    if *v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,161 @@
+//! `y = x W^T` with weights in Hugging Face layout `[N, K]` (f16, bf16 or f32) and f32
+//! activations and accumulation. Three paths: a GEMV for decode-sized M (bandwidth bound),
+//! a tiled subgroup-free GEMM for any shape, and a cooperative-matrix GEMM where the adapter
+//! offers f16 matrices with f32 accumulators.
+
+use super::{expect_dtype, expect_len, wgsl};
+use crate::dtype::DType;
+use crate::error::{shape_err, Result};
+use crate::pipeline::Kernel;
+use crate::recorder::{grid, Step};
+use crate::tensor::Tensor;
+use crate::weight::Weight;
+
+const GEMV: &str = wgsl!("gemv.wgsl");
+const GEMM: &str = wgsl!("gemm.wgsl");
+const GEMM_COOP: &str = wgsl!("gemm_coop.wgsl");
+
+/// Largest M the GEMV path takes (its accumulators live in registers: M x ROWS).
+pub const GEMV_MAX_M: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// GEMV for M <= 8, cooperative matrices above where offered, else the tiled GEMM.
+    Auto,
+    Gemv,
+    Tiled,
+    Coop,
+}
+
+fn gemv_rows(k: usize) -> u32 {
+    // Short rows leave most of the 256 invocations idle; give each workgroup more of them.
+    if k < 1024 {
+        8
+    } else {
+        4
+    }
+}
+
+fn gemv_kernel(m: usize, rows: u32, dtype: DType) -> Kernel {
+    Kernel::new("gemv.wgsl", GEMV, "gemv")
+        .u32("M", m as u32)
+        .u32("ROWS", rows)
+        .u32("W_DTYPE", dtype.float_code())
+}
+
+fn gemm_kernel(dtype: DType) -> Kernel {
+    Kernel::new("gemm.wgsl", GEMM, "gemm").u32("W_DTYPE", dtype.float_code())
+}
+
+fn coop_kernel(s: u32, dtype: DType) -> Kernel {
+    Kernel::new("gemm_coop.wgsl", GEMM_COOP, "gemm_coop")
+        .u32("S", s)
+        .u32("W_DTYPE", dtype.float_code())
+        .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
+        .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
+        .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
+        .coop()
+}
+
+pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
+    let mut v = Vec::new();
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        v.push(gemv_kernel(1, 4, dt));
+        v.push(gemm_kernel(dt));
+    }
+    v.push(gemv_kernel(8, 8, DType::F16));
+    for &s in coop_sizes {
+        v.push(coop_kernel(s, DType::F16));
+        v.push(coop_kernel(s, DType::BF16));
+    }
+    v
+}
+
+fn gemv_ok(m: usize, w: &Weight) -> bool {
+    let vec = if w.dtype == DType::F32 { 4 } else { 8 };
+    m <= GEMV_MAX_M && w.k % vec == 0
+}
+
+fn coop_ok(step: &Step, w: &Weight) -> bool {
+    step.ctx.coop.is_some() && step.ctx.subgroup_is(32) && w.dtype.is_half() && w.k % 8 == 0
+}
+
+/// The path `Auto` takes for this shape on this device.
+pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
+    if gemv_ok(m, w) {
+        MatmulPath::Gemv
+    } else if coop_ok(step, w) {
+        MatmulPath::Coop
+    } else {
+        MatmulPath::Tiled
+    }
+}
+
+/// `y[M, N] = x[M, K] W[N, K]^T` by the automatic path.
+pub fn matmul(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor) -> Result<()> {
+    matmul_with(step, x, w, y, MatmulPath::Auto)
+}
+
+/// `matmul` by a chosen path (tests and benchmarks); an impossible choice is an error.
+pub fn matmul_with(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, path: MatmulPath) -> Result<()> {
+    expect_dtype("matmul", x, DType::F32)?;
+    expect_dtype("matmul", y, DType::F32)?;
+    let k = w.k;
+    let m = x.numel() / k.max(1);
+    expect_len("matmul", "x", x, m * k)?;
+    expect_len("matmul", "y", y, m * w.n)?;
+    if m == 0 {
+        return Err(shape_err("matmul", "empty input"));
+    }
+    let path = match path {
+        MatmulPath::Auto => auto_path(step, m, w),
+        MatmulPath::Gemv if !gemv_ok(m, w) => {
+            return Err(shape_err("matmul", format!("GEMV needs M <= {GEMV_MAX_M} and K % 8 == 0; got M={m} K={k}")))
+        }
+        MatmulPath::Coop if !coop_ok(step, w) => {
+            return Err(shape_err("matmul", "cooperative-matrix GEMM unavailable for this device or shape"))
+        }
+        p => p,
+    };
+    for c in &w.chunks {
+        let n = c.rows as u32;
+        match path {
+            MatmulPath::Gemv => {
+                let rows = gemv_rows(k);
+                let params = [n, k as u32, c.row_start as u32, w.n as u32];
+                let groups = grid(step.ctx, (c.rows).div_ceil(rows as usize));
+                step.dispatch(&gemv_kernel(m, rows, w.dtype), &[x, &c.tensor, y], &params, groups)?;
+            }
+            MatmulPath::Coop => {
+                let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
+                let tile = (8 * s) as usize;
+                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
+                let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
+                step.dispatch(&coop_kernel(s, w.dtype), &[x, &c.tensor, y], &params, groups)?;
+            }
+            _ => {
+                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
+                let groups = [c.rows.div_ceil(64) as u32, m.div_ceil(64) as u32, 1];
+                step.dispatch(&gemm_kernel(w.dtype), &[x, &c.tensor, y], &params, groups)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub mod cpu {
+    /// `y = x W^T` in f64 accumulation; `w` is `[n, k]` as the kernel sees it (already
+    /// rounded through its dtype).
+    pub fn matmul(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            for j in 0..n {
+                let wr = &w[j * k..(j + 1) * k];
+                y[i * n + j] = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+}

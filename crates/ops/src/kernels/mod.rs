@@ -1,0 +1,62 @@
+//! One module per kernel family: the WGSL variant(s), the launcher that checks shapes and
+//! records the dispatch, and `cpu`, the plain-Rust reference the tests compare against.
+
+pub mod activation;
+pub mod argmax;
+pub mod embedding;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+
+use crate::dtype::DType;
+use crate::error::{OpsError, Result};
+use crate::pipeline::Kernel;
+use crate::tensor::Tensor;
+
+/// WGSL source of a kernel file with the shared helpers in front.
+macro_rules! wgsl {
+    ($file:literal) => {
+        concat!(
+            include_str!("wgsl/common.wgsl"),
+            include_str!("wgsl/reduce.wgsl"),
+            include_str!(concat!("wgsl/", $file))
+        )
+    };
+}
+pub(crate) use wgsl;
+
+pub(crate) fn expect_dtype(op: &'static str, t: &Tensor, want: DType) -> Result<()> {
+    if t.dtype() != want {
+        return Err(OpsError::DType {
+            op,
+            expected: want.to_string(),
+            got: t.dtype().to_string(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_len(op: &'static str, what: &str, t: &Tensor, len: usize) -> Result<()> {
+    if t.numel() != len {
+        return Err(crate::error::shape_err(
+            op,
+            format!("{what} has shape {:?} ({} elements), expected {len}", t.shape(), t.numel()),
+        ));
+    }
+    Ok(())
+}
+
+/// Representative variants of every kernel entry point, for the naga validation and MSL
+/// translation guard (`coop_sizes` lists the cooperative-matrix sizes to cover).
+pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
+    let mut v = Vec::new();
+    v.extend(embedding::variants());
+    v.extend(rmsnorm::variants());
+    v.extend(matmul::variants(coop_sizes));
+    v.extend(rope::variants());
+    v.extend(activation::variants());
+    v.extend(softmax::variants());
+    v.extend(argmax::variants());
+    v
+}

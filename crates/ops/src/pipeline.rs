@@ -1,0 +1,150 @@
+//! Kernel variants and the pipeline cache. A variant is a WGSL source plus a prelude of
+//! `const` declarations (tile sizes, dtypes, batch sizes), so one source serves every shape
+//! family and drivers fold the constants; pipelines are compiled once and reused.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{OpsError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConstVal {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+}
+
+impl ConstVal {
+    fn wgsl(self) -> (&'static str, String) {
+        match self {
+            ConstVal::U32(v) => ("u32", format!("{v}u")),
+            ConstVal::F32(v) => ("f32", format!("{v:?}")),
+            ConstVal::Bool(v) => ("bool", v.to_string()),
+        }
+    }
+}
+
+/// One compilable kernel variant.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// Source file name, for messages and cache keys.
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub consts: Vec<(&'static str, ConstVal)>,
+    /// `alias NAME = TYPE;` lines (types that depend on the variant, e.g. coop_mat sizes).
+    pub aliases: Vec<(&'static str, String)>,
+    /// Needs `enable wgpu_cooperative_matrix;`.
+    pub coop: bool,
+}
+
+impl Kernel {
+    pub fn new(name: &'static str, source: &'static str, entry: &'static str) -> Self {
+        Kernel {
+            name,
+            source,
+            entry,
+            consts: Vec::new(),
+            aliases: Vec::new(),
+            coop: false,
+        }
+    }
+
+    pub fn u32(mut self, name: &'static str, v: u32) -> Self {
+        self.consts.push((name, ConstVal::U32(v)));
+        self
+    }
+
+    pub fn bool(mut self, name: &'static str, v: bool) -> Self {
+        self.consts.push((name, ConstVal::Bool(v)));
+        self
+    }
+
+    pub fn alias(mut self, name: &'static str, ty: String) -> Self {
+        self.aliases.push((name, ty));
+        self
+    }
+
+    pub fn coop(mut self) -> Self {
+        self.coop = true;
+        self
+    }
+
+    pub fn key(&self) -> String {
+        let mut k = format!("{}:{}", self.name, self.entry);
+        for (n, v) in &self.consts {
+            let _ = write!(k, ":{n}={v:?}");
+        }
+        for (n, t) in &self.aliases {
+            let _ = write!(k, ":{n}={t}");
+        }
+        k
+    }
+
+    /// The full WGSL text: enables, the constant prelude, then the source.
+    pub fn render(&self) -> String {
+        let mut s = String::from("enable f16;\n");
+        if self.coop {
+            s.push_str("enable wgpu_cooperative_matrix;\n");
+        }
+        for (n, v) in &self.consts {
+            let (ty, val) = v.wgsl();
+            let _ = writeln!(s, "const {n}: {ty} = {val};");
+        }
+        for (n, t) in &self.aliases {
+            let _ = writeln!(s, "alias {n} = {t};");
+        }
+        s.push_str(self.source);
+        s
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    map: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn get_or_create(
+        &self,
+        device: &wgpu::Device,
+        kernel: &Kernel,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = kernel.key();
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| OpsError::Gpu("pipeline cache lock poisoned".into()))?;
+        if let Some(p) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.render();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[],
+                // Every kernel writes the workgroup memory it reads; skip the zeroing pass.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(OpsError::Shader {
+                kernel: key,
+                message: err.to_string(),
+            });
+        }
+        let pipeline = Arc::new(pipeline);
+        map.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

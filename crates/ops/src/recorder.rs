@@ -1,0 +1,144 @@
+//! The step recorder: kernel dispatches of one engine step encoded into a single compute
+//! pass of a single command buffer, submitted once. wgpu inserts the barriers between
+//! dependent dispatches; nothing here waits on the GPU until the caller asks.
+
+use crate::context::GpuContext;
+use crate::error::{OpsError, Result};
+use crate::pipeline::Kernel;
+use crate::tensor::Tensor;
+
+pub struct Step<'c> {
+    pub ctx: &'c GpuContext,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    dispatches: usize,
+}
+
+/// Splits a 1-D workgroup count over x and y when it exceeds the per-dimension limit;
+/// kernels recover the flat index with `flat_group`.
+pub fn grid(ctx: &GpuContext, groups: usize) -> [u32; 3] {
+    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    if groups <= max {
+        [groups.max(1) as u32, 1, 1]
+    } else {
+        let y = groups.div_ceil(max);
+        [groups.div_ceil(y) as u32, y as u32, 1]
+    }
+}
+
+impl<'c> Step<'c> {
+    pub fn new(ctx: &'c GpuContext) -> Self {
+        let encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        Step {
+            ctx,
+            encoder: Some(encoder),
+            pass: None,
+            dispatches: 0,
+        }
+    }
+
+    /// Dispatches recorded so far.
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches
+    }
+
+    fn encoder(&mut self) -> Result<&mut wgpu::CommandEncoder> {
+        self.pass = None;
+        self.encoder
+            .as_mut()
+            .ok_or_else(|| OpsError::Gpu("step already finished".into()))
+    }
+
+    fn pass(&mut self) -> Result<&mut wgpu::ComputePass<'static>> {
+        if self.pass.is_none() {
+            let enc = self
+                .encoder
+                .as_mut()
+                .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("step"),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        self.pass
+            .as_mut()
+            .ok_or_else(|| OpsError::Gpu("no compute pass".into()))
+    }
+
+    /// Records one dispatch: storage bindings in order at group 0, parameters as immediates.
+    pub fn dispatch(
+        &mut self,
+        kernel: &Kernel,
+        bindings: &[&Tensor],
+        params: &[u32],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let pipeline = self.ctx.pipeline(kernel)?;
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, t)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: t.binding(),
+            })
+            .collect();
+        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry),
+            layout: &layout,
+            entries: &entries,
+        });
+        let pass = self.pass()?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        if !params.is_empty() {
+            pass.set_immediates(0, bytemuck::cast_slice(params));
+        }
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        self.dispatches += 1;
+        Ok(())
+    }
+
+    /// Buffer-to-buffer copy (ends the current compute pass).
+    pub fn copy(&mut self, src: &Tensor, dst: &Tensor) -> Result<()> {
+        if src.nbytes() != dst.nbytes() {
+            return Err(crate::error::shape_err(
+                "copy",
+                format!("{} bytes into {}", src.nbytes(), dst.nbytes()),
+            ));
+        }
+        let size = src.nbytes().next_multiple_of(4);
+        self.encoder()?
+            .copy_buffer_to_buffer(src.buffer(), src.offset(), dst.buffer(), dst.offset(), size);
+        Ok(())
+    }
+
+    /// Access to the raw encoder for timestamp queries and other one-off commands.
+    pub fn raw_encoder(&mut self) -> Result<&mut wgpu::CommandEncoder> {
+        self.encoder()
+    }
+
+    /// Submits the step; returns without waiting.
+    pub fn submit(mut self) -> Result<wgpu::SubmissionIndex> {
+        self.pass = None;
+        let enc = self
+            .encoder
+            .take()
+            .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
+        let idx = self.ctx.queue.submit([enc.finish()]);
+        self.ctx.take_gpu_error()?;
+        Ok(idx)
+    }
+
+    /// Submits and waits for completion, surfacing any GPU validation error.
+    pub fn submit_and_wait(self) -> Result<()> {
+        let ctx = self.ctx;
+        self.submit()?;
+        ctx.wait_idle()
+    }
+}

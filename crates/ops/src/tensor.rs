@@ -1,0 +1,362 @@
+//! GPU tensors (a buffer, a byte offset, a shape and a dtype), their upload and download,
+//! and the buffer pool that recycles activation buffers by size class.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::context::GpuContext;
+use crate::dtype::DType;
+use crate::error::{shape_err, OpsError, Result};
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Size classes: exact multiples of 256 B up to 64 KiB, then eight classes per power of two,
+/// so a recycled buffer wastes at most 12.5%.
+fn size_class(bytes: u64) -> u64 {
+    let b = bytes.max(16).next_multiple_of(256);
+    if b <= 65536 {
+        return b;
+    }
+    let p = 63 - b.leading_zeros() as u64; // floor(log2 b)
+    let step = 1u64 << (p - 3);
+    b.next_multiple_of(step)
+}
+
+#[derive(Default, Clone)]
+pub struct BufferPool {
+    free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+}
+
+impl BufferPool {
+    fn take(&self, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+        let class = size_class(bytes);
+        let reused = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop()));
+        let buffer = reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("pooled"),
+                size: class,
+                usage: USAGE,
+                mapped_at_creation: false,
+            })
+        });
+        PooledBuffer {
+            buffer: Some(buffer),
+            pool: Some(self.clone()),
+        }
+    }
+
+    /// Bytes held by free buffers (for memory accounting).
+    pub fn idle_bytes(&self) -> u64 {
+        self.free
+            .lock()
+            .map(|f| f.iter().map(|(c, v)| c * v.len() as u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Releases every idle buffer back to the driver.
+    pub fn trim(&self) {
+        if let Ok(mut f) = self.free.lock() {
+            f.clear();
+        }
+    }
+}
+
+/// A buffer that returns to its pool when the last tensor using it is dropped.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    pool: Option<BufferPool>,
+}
+
+impl PooledBuffer {
+    fn raw(&self) -> &wgpu::Buffer {
+        // Only `drop` takes the buffer out.
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(pool)) = (self.buffer.take(), &self.pool) {
+            if let Ok(mut f) = pool.free.lock() {
+                f.entry(buf.size()).or_default().push(buf);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    buf: Arc<PooledBuffer>,
+    offset: u64,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {}, offset {})", self.shape, self.dtype, self.offset)
+    }
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> u64 {
+        (self.numel() * self.dtype.size()) as u64
+    }
+
+    /// Size of the dimension `i` counted from the end (`dim_back(0)` is the last).
+    pub fn dim_back(&self, i: usize) -> usize {
+        self.shape[self.shape.len() - 1 - i]
+    }
+
+    /// Rows when seen as a matrix with the last dimension as columns.
+    pub fn rows(&self) -> usize {
+        self.numel() / self.shape.last().copied().unwrap_or(1).max(1)
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buf.raw()
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The binding kernels see; sizes round up to 4 bytes (odd half-precision counts).
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        let size = self.nbytes().next_multiple_of(4).max(4);
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buf.raw(),
+            offset: self.offset,
+            size: wgpu::BufferSize::new(size),
+        })
+    }
+
+    pub fn same_buffer(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf)
+    }
+
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(shape_err(
+                "reshape",
+                format!("{:?} has {} elements, {shape:?} does not", self.shape, self.numel()),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
+    }
+
+    /// Rows `[start, start + len)` of dimension 0, sharing the buffer. The byte offset must
+    /// meet the device's storage-offset alignment (256 on most GPUs).
+    pub fn narrow(&self, ctx: &GpuContext, start: usize, len: usize) -> Result<Tensor> {
+        let d0 = *self.shape.first().ok_or_else(|| shape_err("narrow", "scalar tensor"))?;
+        if start + len > d0 {
+            return Err(shape_err("narrow", format!("rows {start}..{} of {d0}", start + len)));
+        }
+        let row_bytes = (self.numel() / d0.max(1) * self.dtype.size()) as u64;
+        let offset = self.offset + start as u64 * row_bytes;
+        let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+        if offset % align != 0 {
+            return Err(shape_err(
+                "narrow",
+                format!("byte offset {offset} is not a multiple of the device's {align}-byte alignment"),
+            ));
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Ok(Tensor {
+            buf: self.buf.clone(),
+            offset,
+            shape,
+            dtype: self.dtype,
+        })
+    }
+
+    /// Overwrites the tensor with a NaN pattern (0xFF bytes), so tests catch unwritten output.
+    pub fn poison(&self, ctx: &GpuContext) {
+        let n = self.nbytes().next_multiple_of(4) as usize;
+        ctx.queue
+            .write_buffer(self.buf.raw(), self.offset, &vec![0xFFu8; n]);
+    }
+
+    pub fn write_bytes(&self, ctx: &GpuContext, bytes: &[u8]) -> Result<()> {
+        if bytes.len() as u64 != self.nbytes() {
+            return Err(shape_err(
+                "write",
+                format!("{} bytes into a tensor of {}", bytes.len(), self.nbytes()),
+            ));
+        }
+        if bytes.len() % 4 == 0 {
+            ctx.queue.write_buffer(self.buf.raw(), self.offset, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(4), 0);
+            ctx.queue.write_buffer(self.buf.raw(), self.offset, &padded);
+        }
+        Ok(())
+    }
+
+    pub fn write_f32(&self, ctx: &GpuContext, values: &[f32]) -> Result<()> {
+        self.write_bytes(ctx, &self.dtype.encode_f32(values))
+    }
+
+    pub fn write_u32(&self, ctx: &GpuContext, values: &[u32]) -> Result<()> {
+        if !matches!(self.dtype, DType::U32 | DType::I32) {
+            return Err(OpsError::DType {
+                op: "write_u32",
+                expected: "u32".into(),
+                got: self.dtype.to_string(),
+            });
+        }
+        self.write_bytes(ctx, bytemuck::cast_slice(values))
+    }
+
+    /// Copies the tensor back to the CPU (waits for the GPU).
+    pub fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
+        let size = self.nbytes().next_multiple_of(4);
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("download"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(self.buf.raw(), self.offset, &staging, 0, size);
+        ctx.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.wait_idle()?;
+        rx.recv()
+            .map_err(|e| OpsError::Gpu(e.to_string()))?
+            .map_err(|e| OpsError::Gpu(e.to_string()))?;
+        let mut out = slice
+            .get_mapped_range()
+            .map_err(|e| OpsError::Gpu(e.to_string()))?
+            .to_vec();
+        staging.unmap();
+        out.truncate(self.nbytes() as usize);
+        Ok(out)
+    }
+
+    pub fn to_f32_vec(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        Ok(self.dtype.decode_f32(&self.to_bytes(ctx)?))
+    }
+
+    pub fn to_u32_vec(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(ctx)?))
+    }
+}
+
+impl GpuContext {
+    fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self.limits.max_buffer_size;
+        if bytes > limit {
+            return Err(OpsError::TooLarge {
+                what: what.to_string(),
+                needed: bytes,
+                limit,
+                hint: "split the tensor (weights are split automatically) or use a smaller batch",
+            });
+        }
+        Ok(())
+    }
+
+    /// An uninitialised tensor from the buffer pool.
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        self.check_size("tensor", bytes)?;
+        Ok(Tensor {
+            buf: Arc::new(self.pool.take(&self.device, bytes)),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// A tensor in its own buffer, outside the pool (weights, caches: they live for the run).
+    pub fn persistent(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        self.check_size(label, bytes)?;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(16).next_multiple_of(16),
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            buf: Arc::new(PooledBuffer {
+                buffer: Some(buffer),
+                pool: None,
+            }),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    pub fn upload_f32(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(shape_err(
+                "upload",
+                format!("{} values for shape {shape:?}", values.len()),
+            ));
+        }
+        let t = self.empty(shape, dtype)?;
+        t.write_f32(self, values)?;
+        Ok(t)
+    }
+
+    pub fn upload_u32(&self, shape: &[usize], values: &[u32]) -> Result<Tensor> {
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(shape_err(
+                "upload",
+                format!("{} values for shape {shape:?}", values.len()),
+            ));
+        }
+        let t = self.empty(shape, DType::U32)?;
+        t.write_u32(self, values)?;
+        Ok(t)
+    }
+
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_and_bound_waste() {
+        for b in [1u64, 255, 256, 257, 65536, 65537, 1 << 20, (1 << 20) + 1, 622_329_856] {
+            let c = size_class(b);
+            assert!(c >= b, "{b} -> {c}");
+            assert!(c % 16 == 0);
+            assert!((c as f64) <= (b.max(256) as f64) * 1.125 + 256.0, "{b} -> {c}");
+        }
+    }
+}

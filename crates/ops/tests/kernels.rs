@@ -1,0 +1,263 @@
+//! Every kernel against its CPU reference: random non-zero inputs, poisoned outputs,
+//! shapes that are not multiples of the tile sizes. Error bounds are relative to the
+//! output's largest magnitude; the references see the same dtype-rounded weights, so the
+//! bounds measure accumulation order (f32) or the f16 rounding of activations (coop path).
+
+mod common;
+use common::*;
+
+use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
+use vllm_apple_ops::kernels::matmul::MatmulPath;
+use vllm_apple_ops::{DType, Step, Weight};
+
+const F32_ACCUM_TOL: f64 = 2e-5;
+/// The coop path rounds activations to f16 (11-bit mantissa) before the product.
+const COOP_TOL: f64 = 4e-3;
+
+#[test]
+fn embedding_gathers_rows_across_chunks() {
+    let ctx = ctx();
+    let mut r = rng(1);
+    for (dtype, v, h, m, chunk_bytes) in [
+        (DType::F16, 1000usize, 576usize, 17usize, u64::MAX),
+        (DType::BF16, 300, 100, 5, 64 * 100 * 2),  // 5 chunks of 64 rows
+        (DType::F32, 130, 72, 3, 64 * 72 * 4),
+    ] {
+        let table = dtype.round_trip(&randn(&mut r, v * h, 1.0));
+        let w = Weight::upload_chunked(ctx, "emb", v, h, dtype, &dtype.encode_f32(&table), chunk_bytes).unwrap();
+        let ids: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let ids_t = ctx.upload_u32(&[m], &ids).unwrap();
+        let out = ctx.empty(&[m, h], DType::F32).unwrap();
+        out.poison(ctx);
+        let mut s = Step::new(ctx);
+        embedding::embedding(&mut s, &ids_t, &w, &out).unwrap();
+        s.submit_and_wait().unwrap();
+        let want = embedding::cpu::embedding(&ids, &table, h);
+        assert_eq!(out.to_f32_vec(ctx).unwrap(), want, "{dtype} v={v} h={h}");
+    }
+}
+
+#[test]
+fn rmsnorm_and_fused_residual() {
+    let ctx = ctx();
+    let mut r = rng(2);
+    for (m, h) in [(1usize, 576usize), (3, 1000), (17, 2048), (5, 100)] {
+        let x = randn(&mut r, m * h, 2.0);
+        let res = randn(&mut r, m * h, 1.0);
+        let w = randn(&mut r, h, 1.0);
+        let eps = 1e-6;
+        let xt = ctx.upload_f32(&[m, h], DType::F32, &x).unwrap();
+        let rt = ctx.upload_f32(&[m, h], DType::F32, &res).unwrap();
+        let wt = ctx.upload_f32(&[h], DType::F32, &w).unwrap();
+        let o1 = ctx.empty(&[m, h], DType::F32).unwrap();
+        let o2 = ctx.empty(&[m, h], DType::F32).unwrap();
+        o1.poison(ctx);
+        o2.poison(ctx);
+        let mut s = Step::new(ctx);
+        rmsnorm::rmsnorm(&mut s, &xt, &wt, eps, &o1).unwrap();
+        rmsnorm::add_rmsnorm(&mut s, &xt, &rt, &wt, eps, &o2).unwrap();
+        s.submit_and_wait().unwrap();
+        assert_close("rmsnorm", &o1.to_f32_vec(ctx).unwrap(), &rmsnorm::cpu::rmsnorm(&x, &w, eps), 1e-5);
+        let sum: Vec<f32> = x.iter().zip(&res).map(|(a, b)| a + b).collect();
+        assert_close("residual", &rt.to_f32_vec(ctx).unwrap(), &sum, 1e-6);
+        assert_close("add_rmsnorm", &o2.to_f32_vec(ctx).unwrap(), &rmsnorm::cpu::rmsnorm(&sum, &w, eps), 1e-5);
+    }
+}
+
+fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, chunk: u64, seed: u64) {
+    let ctx = ctx();
+    let mut r = rng(seed);
+    let x = randn(&mut r, m * k, 1.0);
+    let w = dtype.round_trip(&randn(&mut r, n * k, 0.5));
+    let wt = Weight::upload_chunked(ctx, "w", n, k, dtype, &dtype.encode_f32(&w), chunk).unwrap();
+    let xt = ctx.upload_f32(&[m, k], DType::F32, &x).unwrap();
+    let y = ctx.empty(&[m, n], DType::F32).unwrap();
+    y.poison(ctx);
+    let mut s = Step::new(ctx);
+    matmul::matmul_with(&mut s, &xt, &wt, &y, path).unwrap();
+    s.submit_and_wait().unwrap();
+    let (want, tol) = if path == MatmulPath::Coop {
+        let xh = DType::F16.round_trip(&x);
+        (matmul::cpu::matmul(&xh, &w, n, k), COOP_TOL)
+    } else {
+        (matmul::cpu::matmul(&x, &w, n, k), F32_ACCUM_TOL * (k as f64).sqrt())
+    };
+    assert_close(
+        &format!("matmul {path:?} {dtype} m={m} n={n} k={k} chunks={}", wt.chunks.len()),
+        &y.to_f32_vec(ctx).unwrap(),
+        &want,
+        tol,
+    );
+}
+
+#[test]
+fn gemv_decode_shapes() {
+    for (i, (m, n, k, dt)) in [
+        (1usize, 1536usize, 576usize, DType::F16),
+        (3, 1000, 1000, DType::BF16),
+        (8, 77, 2048, DType::F16),
+        (5, 130, 64, DType::F32),
+        (1, 2049, 1000, DType::BF16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_matmul(m, n, k, dt, MatmulPath::Gemv, u64::MAX, 10 + i as u64);
+    }
+}
+
+#[test]
+fn gemv_large_vocab_split_across_chunks() {
+    // 151936 x 576 f16 is 175 MB: more than one lavapipe binding, so this runs as 2 chunks.
+    check_matmul(1, 151_936, 576, DType::F16, MatmulPath::Auto, u64::MAX, 20);
+    // Forced small chunks: 7 dispatches writing disjoint column ranges of y.
+    check_matmul(2, 1000, 64, DType::BF16, MatmulPath::Gemv, 150 * 64 * 2, 21);
+}
+
+#[test]
+fn tiled_gemm_awkward_shapes() {
+    for (i, (m, n, k, dt)) in [
+        (17usize, 1536usize, 576usize, DType::F16),
+        (300, 130, 1000, DType::BF16),
+        (65, 67, 33, DType::F32),
+        (3, 100, 1002, DType::F16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_matmul(m, n, k, dt, MatmulPath::Tiled, u64::MAX, 30 + i as u64);
+    }
+    check_matmul(70, 300, 96, DType::F16, MatmulPath::Tiled, 128 * 96 * 2, 40);
+}
+
+#[test]
+fn auto_path_falls_back_for_odd_k() {
+    // K % 8 != 0 cannot use 128-bit loads: Auto must still give the right answer.
+    check_matmul(1, 50, 1002, DType::F16, MatmulPath::Auto, u64::MAX, 41);
+}
+
+#[test]
+fn coop_gemm_matches_reference_where_offered() {
+    let ctx = ctx();
+    if ctx.coop.is_none() || !ctx.subgroup_is(32) {
+        eprintln!("cooperative matrices not offered here ({}): coop GEMM not run", ctx.info.name);
+        return;
+    }
+    for (i, (m, n, k, dt)) in [
+        (17usize, 1536usize, 576usize, DType::F16),
+        (300, 130, 1000, DType::BF16),
+        (2048, 512, 2048, DType::F16),
+        (9, 4099, 64, DType::F16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_matmul(m, n, k, dt, MatmulPath::Coop, u64::MAX, 50 + i as u64);
+    }
+    check_matmul(200, 700, 96, DType::BF16, MatmulPath::Coop, 256 * 96 * 2, 60);
+}
+
+#[test]
+fn rope_with_and_without_qk_norm() {
+    let ctx = ctx();
+    let mut r = rng(3);
+    let scaling = Some(rope::Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    });
+    for (m, hq, hkv, d, norm, theta, sc) in [
+        (3usize, 4usize, 2usize, 64usize, false, 1e4, None),
+        (5, 8, 1, 128, true, 1e6, None),
+        (2, 2, 2, 256, true, 1e6, None),
+        (4, 6, 2, 96, false, 5e5, scaling),
+    ] {
+        let s = rope::RopeShape { q_heads: hq, kv_heads: hkv, head_dim: d };
+        let row = (hq + 2 * hkv) * d;
+        let qkv = randn(&mut r, m * row, 3.0);
+        let pos: Vec<u32> = (0..m as u32).map(|i| i * 37 + 5).collect();
+        let inv = rope::inv_freq(d, theta, sc);
+        let qn = randn(&mut r, d, 1.0);
+        let kn = randn(&mut r, d, 1.0);
+        let qkv_t = ctx.upload_f32(&[m, row], DType::F32, &qkv).unwrap();
+        let pos_t = ctx.upload_u32(&[m], &pos).unwrap();
+        let inv_t = ctx.upload_f32(&[d / 2], DType::F32, &inv).unwrap();
+        let qn_t = ctx.upload_f32(&[d], DType::F32, &qn).unwrap();
+        let kn_t = ctx.upload_f32(&[d], DType::F32, &kn).unwrap();
+        let mut st = Step::new(ctx);
+        let normw = if norm { Some((&qn_t, &kn_t)) } else { None };
+        rope::rope(&mut st, &qkv_t, &pos_t, &inv_t, normw, 1e-6, s).unwrap();
+        st.submit_and_wait().unwrap();
+        let mut want = qkv.clone();
+        let normc = if norm { Some((&qn[..], &kn[..])) } else { None };
+        rope::cpu::rope(&mut want, &pos, &inv, normc, 1e-6, s);
+        assert_close(&format!("rope d={d} norm={norm}"), &qkv_t.to_f32_vec(ctx).unwrap(), &want, 2e-5);
+    }
+}
+
+#[test]
+fn llama3_inv_freq_matches_transformers_rule() {
+    // transformers keeps high frequencies, divides low ones by `factor`, and blends between.
+    let s = rope::Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    let plain = rope::inv_freq(128, 5e5, None);
+    let scaled = rope::inv_freq(128, 5e5, Some(s));
+    assert_eq!(plain[0], scaled[0]);
+    assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12);
+    let mid = scaled.iter().zip(&plain).filter(|(a, b)| *a < *b && **a > **b / 8.0).count();
+    assert!(mid > 0, "some frequencies are blended");
+}
+
+#[test]
+fn silu_mul_softmax_argmax() {
+    let ctx = ctx();
+    let mut r = rng(4);
+    for (m, i) in [(1usize, 1536usize), (17, 768), (3, 1000)] {
+        let gu = randn(&mut r, m * 2 * i, 4.0);
+        let gt = ctx.upload_f32(&[m, 2 * i], DType::F32, &gu).unwrap();
+        let out = ctx.empty(&[m, i], DType::F32).unwrap();
+        out.poison(ctx);
+        let mut s = Step::new(ctx);
+        activation::silu_mul(&mut s, &gt, &out).unwrap();
+        s.submit_and_wait().unwrap();
+        assert_close("silu_mul", &out.to_f32_vec(ctx).unwrap(), &activation::cpu::silu_mul(&gu, i), 1e-6);
+    }
+    for (m, n) in [(1usize, 151_936usize), (3, 1000), (17, 37)] {
+        let mut x = randn(&mut r, m * n, 10.0);
+        // A tie for the maximum in row 0: the lower index must win.
+        let hi = 50.0;
+        x[n / 3] = hi;
+        x[n / 2] = hi;
+        let xt = ctx.upload_f32(&[m, n], DType::F32, &x).unwrap();
+        let ids = ctx.empty(&[m], DType::U32).unwrap();
+        ids.poison(ctx);
+        let mut s = Step::new(ctx);
+        argmax::argmax(&mut s, &xt, &ids).unwrap();
+        softmax::softmax(&mut s, &xt).unwrap();
+        s.submit_and_wait().unwrap();
+        let got_ids = ids.to_u32_vec(ctx).unwrap();
+        assert_eq!(got_ids, argmax::cpu::argmax(&x, n), "argmax m={m} n={n}");
+        assert_eq!(got_ids[0], (n / 3) as u32);
+        assert_close("softmax", &xt.to_f32_vec(ctx).unwrap(), &softmax::cpu::softmax(&x, n), 1e-5);
+    }
+}
+
+#[test]
+fn shape_and_dtype_errors_are_reported_not_panicked() {
+    let ctx = ctx();
+    let x = ctx.upload_f32(&[2, 8], DType::F32, &[1.0; 16]).unwrap();
+    let w = Weight::upload_f32(ctx, "w", 4, 16, DType::F16, &[0.5; 64]).unwrap();
+    let y = ctx.empty(&[2, 4], DType::F32).unwrap();
+    let mut s = Step::new(ctx);
+    let e = matmul::matmul(&mut s, &x, &w, &y).unwrap_err();
+    assert!(e.to_string().contains("shape mismatch"), "{e}");
+    let ids = ctx.upload_u32(&[2], &[0, 1]).unwrap();
+    let e = softmax::softmax(&mut s, &ids).unwrap_err();
+    assert!(e.to_string().contains("dtype"), "{e}");
+    assert!(Weight::upload(ctx, "bad", 4, 16, DType::F16, &[0u8; 10]).is_err());
+}
