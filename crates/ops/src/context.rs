@@ -102,10 +102,13 @@ impl GpuContext {
         // Prefer a real GPU with every required feature; report the best one's gaps if none has them.
         let mut ranked: Vec<_> = adapters.into_iter().collect();
         ranked.sort_by_key(|a| device_rank(a.get_info().device_type));
-        let adapter = match ranked
-            .iter()
-            .position(|a| a.features().contains(REQUIRED_FEATURES))
-        {
+        let usable = |a: &wgpu::Adapter| {
+            a.features().contains(REQUIRED_FEATURES)
+                && a.get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32)
+        };
+        let adapter = match ranked.iter().position(usable) {
             Some(i) => ranked.swap_remove(i),
             None => {
                 let best = &ranked[0];
