@@ -70,6 +70,33 @@ impl<'c> Step<'c> {
             .ok_or_else(|| OpsError::Gpu("no compute pass".into()))
     }
 
+    /// Ends the current compute pass and opens one whose start and end are written to
+    /// `queries[index]` and `queries[index + 1]` (benchmarks; needs TIMESTAMP_QUERY).
+    pub fn begin_timed_pass(&mut self, queries: &wgpu::QuerySet, index: u32) -> Result<()> {
+        self.pass = None;
+        let enc = self
+            .encoder
+            .as_mut()
+            .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
+        let pass = enc
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("timed"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: queries,
+                    beginning_of_pass_write_index: Some(index),
+                    end_of_pass_write_index: Some(index + 1),
+                }),
+            })
+            .forget_lifetime();
+        self.pass = Some(pass);
+        Ok(())
+    }
+
+    /// Closes the current compute pass (the next dispatch opens a fresh, untimed one).
+    pub fn end_pass(&mut self) {
+        self.pass = None;
+    }
+
     /// Records one dispatch: storage bindings in order at group 0, parameters as immediates.
     pub fn dispatch(
         &mut self,

@@ -1,0 +1,206 @@
+//! `vllm-apple bench kernels`: GEMV (decode) bandwidth and GEMM (prefill) throughput on the
+//! projection shapes of Qwen3-30B-A3B, plus the small per-layer kernels, against the
+//! device's measured copy bandwidth.
+
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use vllm_apple_ops::kernels::matmul::{self, MatmulPath};
+use vllm_apple_ops::kernels::{activation, argmax, rmsnorm, rope};
+use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
+
+use super::timer::{copy_bandwidth, time_reps};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Weight dtype: f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// Tokens in the prefill GEMM rows.
+    #[arg(long, default_value_t = 2048)]
+    prefill_m: usize,
+    /// Decode batch sizes for the GEMV rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    decode_m: Vec<usize>,
+    /// Timed repetitions per kernel (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Also time the tiled GEMM where the cooperative-matrix GEMM is the default.
+    #[arg(long)]
+    all_paths: bool,
+}
+
+/// (name, N, K) of y = x W^T for Qwen3-30B-A3B (hidden 2048, 32 q / 4 kv heads of 128,
+/// experts with moe_intermediate 768, vocab 151936).
+const SHAPES: &[(&str, usize, usize)] = &[
+    ("qkv_proj 2048->4096+512+512", 5120, 2048),
+    ("o_proj 4096->2048", 2048, 4096),
+    ("lm_head 2048->151936", 151_936, 2048),
+    ("expert gate_up 2048->1536", 1536, 2048),
+    ("expert down 768->2048", 2048, 768),
+];
+
+/// Random half-precision bits, magnitudes 2^-6..2^-1, cheap enough for 600 MB of weights.
+fn random_half_bytes(n: usize, dtype: DType, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    let mut out = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let r = s as u32;
+        let bits: u16 = match dtype {
+            // sign | exponent 9..14 | 10 mantissa bits
+            DType::F16 => (((r >> 31) << 15) | ((9 + (r >> 16) % 6) << 10) | (r & 0x3ff)) as u16,
+            // sign | exponent 121..126 | 7 mantissa bits
+            _ => (((r >> 31) << 15) | ((121 + (r >> 16) % 6) << 7) | (r & 0x7f)) as u16,
+        };
+        out.extend_from_slice(&bits.to_le_bytes());
+    }
+    out
+}
+
+struct Row {
+    name: String,
+    shape: String,
+    path: String,
+    us: f64,
+    gbs: f64,
+    tflops: Option<f64>,
+}
+
+pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        d => bail!("--dtype {d}: expected f16 or bf16"),
+    };
+    if args.reps == 0 || args.prefill_m == 0 || args.decode_m.iter().any(|&m| m == 0) {
+        bail!("--reps, --prefill-m and --decode-m must be positive");
+    }
+    let ctx = GpuContext::new(opts)?;
+    let cpu = ctx.info.device_type == wgpu::DeviceType::Cpu;
+    let copy_bytes: u64 = if cpu { 64 << 20 } else { 1 << 30 };
+    let copy_bytes = copy_bytes.min(ctx.limits.max_buffer_size / 2);
+    let copy_bw = copy_bandwidth(&ctx, copy_bytes, if cpu { 4 } else { 20 })?;
+    println!(
+        "device: {} ({:?}), subgroup {}..{}, coop {:?}",
+        ctx.info.name, ctx.info.backend, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size, ctx.coop
+    );
+    println!("copy bandwidth (read + write, {} MiB buffers): {:.1} GB/s", copy_bytes >> 20, copy_bw / 1e9);
+    println!("timing: {}", if ctx.has_timestamps() { "GPU timestamps, median" } else { "CPU wall clock / reps" });
+
+    let mut rows = Vec::new();
+    let mut weights = Vec::new();
+    for (i, &(name, n, k)) in SHAPES.iter().enumerate() {
+        let w = Weight::upload(&ctx, name, n, k, dtype, &random_half_bytes(n * k, dtype, 7 + i as u64))?;
+        weights.push((name, w));
+    }
+    for (name, w) in &weights {
+        for &m in &args.decode_m {
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, args.reps)?;
+        }
+    }
+    // Prefill computes logits only for the last token of each sequence, so lm_head is
+    // a decode-shaped product even there and is left out of the GEMM rows.
+    for (name, w) in weights.iter().filter(|(_, w)| w.n != 151_936) {
+        let m = args.prefill_m;
+        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, args.reps)?;
+        if args.all_paths && ctx.coop.is_some() {
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, args.reps)?;
+        }
+    }
+    bench_small(&ctx, &mut rows, args.prefill_m, args.reps)?;
+
+    println!();
+    println!("{:<30} {:>22} {:>6} {:>10} {:>9} {:>7} {:>9}", "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s");
+    for r in &rows {
+        println!(
+            "{:<30} {:>22} {:>6} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
+            r.name,
+            r.shape,
+            r.path,
+            r.us,
+            r.gbs,
+            100.0 * r.gbs * 1e9 / copy_bw,
+            r.tflops.map(|t| format!("{t:.2}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn bench_matmul(
+    ctx: &GpuContext,
+    rows: &mut Vec<Row>,
+    name: &str,
+    w: &Weight,
+    m: usize,
+    path: MatmulPath,
+    reps: usize,
+) -> Result<()> {
+    let x = ctx.upload_f32(&[m, w.k], DType::F32, &vec![0.01; m * w.k])?;
+    let y = ctx.empty(&[m, w.n], DType::F32)?;
+    let probe = vllm_apple_ops::Step::new(ctx);
+    let resolved = match path {
+        MatmulPath::Auto => matmul::auto_path(&probe, m, w),
+        p => p,
+    };
+    drop(probe);
+    let t = time_reps(ctx, reps, |s| matmul::matmul_with(s, &x, w, &y, resolved))?;
+    let bytes = w.nbytes() as f64 + (m * w.k * 4 + m * w.n * 4) as f64;
+    let flops = 2.0 * (m * w.n * w.k) as f64;
+    rows.push(Row {
+        name: name.to_string(),
+        shape: format!("{m}x{}x{}", w.n, w.k),
+        path: format!("{resolved:?}").to_lowercase(),
+        us: t * 1e6,
+        gbs: bytes / t / 1e9,
+        tflops: (m > matmul::GEMV_MAX_M).then_some(flops / t / 1e12),
+    });
+    Ok(())
+}
+
+fn bench_small(ctx: &GpuContext, rows: &mut Vec<Row>, prefill_m: usize, reps: usize) -> Result<()> {
+    let h = 2048;
+    for m in [1usize, prefill_m] {
+        let x = ctx.upload_f32(&[m, h], DType::F32, &vec![0.5; m * h])?;
+        let res = ctx.upload_f32(&[m, h], DType::F32, &vec![0.25; m * h])?;
+        let w = ctx.upload_f32(&[h], DType::F32, &vec![1.0; h])?;
+        let out = ctx.empty(&[m, h], DType::F32)?;
+        let t = time_reps(ctx, reps, |s| rmsnorm::add_rmsnorm(s, &x, &res, &w, 1e-6, &out))?;
+        rows.push(small_row("add_rmsnorm", format!("{m}x{h}"), t, (m * h * 16) as f64));
+
+        let i = 768;
+        let gu = ctx.upload_f32(&[m, 2 * i], DType::F32, &vec![0.5; m * 2 * i])?;
+        let o = ctx.empty(&[m, i], DType::F32)?;
+        let t = time_reps(ctx, reps, |s| activation::silu_mul(s, &gu, &o))?;
+        rows.push(small_row("silu_mul", format!("{m}x{i}"), t, (m * i * 12) as f64));
+
+        let (hq, hkv, d) = (32, 4, 128);
+        let qkv = ctx.upload_f32(&[m, (hq + 2 * hkv) * d], DType::F32, &vec![0.5; m * (hq + 2 * hkv) * d])?;
+        let pos = ctx.upload_u32(&[m], &(0..m as u32).collect::<Vec<_>>())?;
+        let inv = ctx.upload_f32(&[d / 2], DType::F32, &rope::inv_freq(d, 1e6, None))?;
+        let qn = ctx.upload_f32(&[d], DType::F32, &vec![1.0; d])?;
+        let shape = rope::RopeShape { q_heads: hq, kv_heads: hkv, head_dim: d };
+        let t = time_reps(ctx, reps, |s| rope::rope(s, &qkv, &pos, &inv, Some((&qn, &qn)), 1e-6, shape))?;
+        rows.push(small_row("rope+qk_norm", format!("{m}x{}x{d}", hq + hkv), t, (m * (hq + hkv) * d * 8) as f64));
+    }
+    for m in [1usize, 8] {
+        let v = 151_936;
+        let logits = ctx.upload_f32(&[m, v], DType::F32, &vec![0.5; m * v])?;
+        let ids = ctx.empty(&[m], DType::U32)?;
+        let t = time_reps(ctx, reps, |s| argmax::argmax(s, &logits, &ids))?;
+        rows.push(small_row("argmax", format!("{m}x{v}"), t, (m * v * 4) as f64));
+    }
+    Ok(())
+}
+
+fn small_row(name: &str, shape: String, t: f64, bytes: f64) -> Row {
+    Row {
+        name: name.to_string(),
+        shape,
+        path: "-".into(),
+        us: t * 1e6,
+        gbs: bytes / t / 1e9,
+        tflops: None,
+    }
+}

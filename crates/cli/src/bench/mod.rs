@@ -1,0 +1,21 @@
+//! `vllm-apple bench ...`: measured on the GPU with timestamp queries where the adapter has
+//! them (CPU wall time over a batch of repetitions otherwise), reported as medians.
+
+mod kernels;
+mod timer;
+
+use anyhow::Result;
+use clap::Subcommand;
+use vllm_apple_ops::ContextOptions;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Kernel bandwidth and throughput on Qwen3-30B-A3B's real shapes.
+    Kernels(kernels::Args),
+}
+
+pub fn run(opts: &ContextOptions, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Kernels(args) => kernels::run(opts, args),
+    }
+}

@@ -1,0 +1,111 @@
+//! Timing of recorded work: each repetition in its own timestamped compute pass.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use vllm_apple_ops::{GpuContext, Step};
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Seconds per repetition of `record` (median), after one untimed warm-up repetition.
+pub fn time_reps(
+    ctx: &GpuContext,
+    reps: usize,
+    mut record: impl FnMut(&mut Step) -> vllm_apple_ops::Result<()>,
+) -> Result<f64> {
+    let mut warm = Step::new(ctx);
+    record(&mut warm)?;
+    warm.submit_and_wait()?;
+    if !ctx.has_timestamps() {
+        let t0 = Instant::now();
+        let mut step = Step::new(ctx);
+        for _ in 0..reps {
+            record(&mut step)?;
+        }
+        step.submit_and_wait()?;
+        return Ok(t0.elapsed().as_secs_f64() / reps as f64);
+    }
+    let n = (2 * reps) as u32;
+    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("bench"),
+        ty: wgpu::QueryType::Timestamp,
+        count: n,
+    });
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench-resolve"),
+        size: 8 * n as u64,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench-read"),
+        size: 8 * n as u64,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut step = Step::new(ctx);
+    for r in 0..reps {
+        step.begin_timed_pass(&qs, 2 * r as u32)?;
+        record(&mut step)?;
+    }
+    step.end_pass();
+    let enc = step.raw_encoder()?;
+    enc.resolve_query_set(&qs, 0..n, &resolve, 0);
+    enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n as u64);
+    step.submit_and_wait()?;
+    let slice = read.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    rx.recv()??;
+    let ticks: Vec<u64> = bytemuck_u64(&slice.get_mapped_range().map_err(|e| anyhow!("{e}"))?);
+    read.unmap();
+    let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
+    let times: Vec<f64> = ticks
+        .chunks_exact(2)
+        .map(|p| p[1].saturating_sub(p[0]) as f64 * period)
+        .collect();
+    Ok(median(times))
+}
+
+fn bytemuck_u64(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second), the roofline the
+/// issue measures kernels against.
+pub fn copy_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f64> {
+    let mk = |label| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (a, b) = (mk("copy-a"), mk("copy-b"));
+    let run = |n: usize| -> Result<f64> {
+        let t0 = Instant::now();
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for i in 0..n {
+            let (s, d) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            enc.copy_buffer_to_buffer(s, 0, d, 0, bytes);
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait_idle()?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run(1)?;
+    let samples: Vec<f64> = (0..3).map(|_| run(reps)).collect::<Result<_>>()?;
+    Ok(2.0 * bytes as f64 * reps as f64 / median(samples))
+}
