@@ -139,9 +139,11 @@ impl Tensor {
         self.offset
     }
 
-    /// The binding kernels see; sizes round up to 4 bytes (odd half-precision counts).
+    /// The binding kernels see. Sizes round up to 16 bytes where the buffer has room (all
+    /// our buffers are padded), so vec4 views and odd half-precision counts bind cleanly.
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
-        let size = self.nbytes().next_multiple_of(4).max(4);
+        let room = self.buf.raw().size() - self.offset;
+        let size = self.nbytes().next_multiple_of(16).min(room).max(4);
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: self.buf.raw(),
             offset: self.offset,

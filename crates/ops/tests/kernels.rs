@@ -7,7 +7,8 @@ mod common;
 use common::*;
 
 use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
-use vllm_apple_ops::kernels::matmul::MatmulPath;
+use vllm_apple_ops::kernels::matmul::{GemvConfig, MatmulPath};
+use vllm_apple_ops::kernels::copy;
 use vllm_apple_ops::{DType, Step, Weight};
 
 const F32_ACCUM_TOL: f64 = 2e-5;
@@ -65,6 +66,20 @@ fn rmsnorm_and_fused_residual() {
 }
 
 fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, chunk: u64, seed: u64) {
+    check_matmul_cfg(m, n, k, dtype, path, chunk, seed, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_matmul_cfg(
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    path: MatmulPath,
+    chunk: u64,
+    seed: u64,
+    cfg: Option<GemvConfig>,
+) {
     let ctx = ctx();
     let mut r = rng(seed);
     let x = randn(&mut r, m * k, 1.0);
@@ -74,7 +89,7 @@ fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, ch
     let y = ctx.empty(&[m, n], DType::F32).unwrap();
     y.poison(ctx);
     let mut s = Step::new(ctx);
-    matmul::matmul_with(&mut s, &xt, &wt, &y, path).unwrap();
+    matmul::matmul_tuned(&mut s, &xt, &wt, &y, path, cfg).unwrap();
     s.submit_and_wait().unwrap();
     let (want, tol) = if path == MatmulPath::Coop {
         let xh = DType::F16.round_trip(&x);
@@ -83,7 +98,7 @@ fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, ch
         (matmul::cpu::matmul(&x, &w, n, k), F32_ACCUM_TOL * (k as f64).sqrt())
     };
     assert_close(
-        &format!("matmul {path:?} {dtype} m={m} n={n} k={k} chunks={}", wt.chunks.len()),
+        &format!("matmul {path:?} {cfg:?} {dtype} m={m} n={n} k={k} chunks={}", wt.chunks.len()),
         &y.to_f32_vec(ctx).unwrap(),
         &want,
         tol,
@@ -104,6 +119,37 @@ fn gemv_decode_shapes() {
     {
         check_matmul(m, n, k, dt, MatmulPath::Gemv, u64::MAX, 10 + i as u64);
     }
+}
+
+#[test]
+fn gemv_every_work_split() {
+    // Each split changes which invocations share a row and how partial sums meet.
+    let splits = [
+        GemvConfig { wg: 256, tpr: 256, rpt: 1 },
+        GemvConfig { wg: 256, tpr: 64, rpt: 8 },
+        GemvConfig { wg: 128, tpr: 128, rpt: 2 },
+        GemvConfig { wg: 256, tpr: 128, rpt: 3 },
+        GemvConfig { wg: 64, tpr: 64, rpt: 5 },
+    ];
+    for (i, cfg) in splits.into_iter().enumerate() {
+        check_matmul_cfg(2, 203, 1000, DType::F16, MatmulPath::Gemv, u64::MAX, 70 + i as u64, Some(cfg));
+        check_matmul_cfg(1, 67, 96, DType::F32, MatmulPath::Gemv, u64::MAX, 80 + i as u64, Some(cfg));
+    }
+}
+
+#[test]
+fn copy_kernel_copies_exactly() {
+    let ctx = ctx();
+    let mut r = rng(5);
+    let n = 1024 * 1024 + 12; // a partial last workgroup
+    let v = randn(&mut r, n, 1.0);
+    let a = ctx.upload_f32(&[n], DType::F32, &v).unwrap();
+    let b = ctx.empty(&[n], DType::F32).unwrap();
+    b.poison(ctx);
+    let mut s = Step::new(ctx);
+    copy::copy(&mut s, &a, &b).unwrap();
+    s.submit_and_wait().unwrap();
+    assert_eq!(b.to_f32_vec(ctx).unwrap(), v);
 }
 
 #[test]

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use vllm_apple_ops::kernels::matmul::{self, MatmulPath};
-use vllm_apple_ops::kernels::{activation, argmax, rmsnorm, rope};
+use vllm_apple_ops::kernels::matmul::{self, GemvConfig, MatmulPath};
+use vllm_apple_ops::kernels::{activation, argmax, copy, rmsnorm, rope};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
 
 use super::timer::{copy_bandwidth, time_reps};
@@ -27,7 +27,26 @@ pub struct Args {
     /// Also time the tiled GEMM where the cooperative-matrix GEMM is the default.
     #[arg(long)]
     all_paths: bool,
+    /// Time every GEMV work split on the decode shapes (tuning).
+    #[arg(long)]
+    gemv_sweep: bool,
 }
+
+const SWEEP: &[GemvConfig] = &[
+    GemvConfig { wg: 256, tpr: 256, rpt: 1 },
+    GemvConfig { wg: 256, tpr: 256, rpt: 2 },
+    GemvConfig { wg: 256, tpr: 256, rpt: 4 },
+    GemvConfig { wg: 256, tpr: 128, rpt: 2 },
+    GemvConfig { wg: 256, tpr: 128, rpt: 4 },
+    GemvConfig { wg: 256, tpr: 64, rpt: 2 },
+    GemvConfig { wg: 256, tpr: 64, rpt: 4 },
+    GemvConfig { wg: 128, tpr: 128, rpt: 2 },
+    GemvConfig { wg: 128, tpr: 128, rpt: 4 },
+    GemvConfig { wg: 128, tpr: 64, rpt: 4 },
+    GemvConfig { wg: 128, tpr: 64, rpt: 8 },
+    GemvConfig { wg: 64, tpr: 64, rpt: 4 },
+    GemvConfig { wg: 64, tpr: 64, rpt: 8 },
+];
 
 /// (name, N, K) of y = x W^T for Qwen3-30B-A3B (hidden 2048, 32 q / 4 kv heads of 128,
 /// experts with moe_intermediate 768, vocab 151936).
@@ -81,12 +100,18 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let cpu = ctx.info.device_type == wgpu::DeviceType::Cpu;
     let copy_bytes: u64 = if cpu { 64 << 20 } else { 1 << 30 };
     let copy_bytes = copy_bytes.min(ctx.limits.max_buffer_size / 2);
-    let copy_bw = copy_bandwidth(&ctx, copy_bytes, if cpu { 4 } else { 20 })?;
+    let copy_cmd_bw = copy_bandwidth(&ctx, copy_bytes, if cpu { 4 } else { 20 })?;
+    let copy_bw = copy_kernel_bandwidth(&ctx, copy_bytes, args.reps)?;
     println!(
         "device: {} ({:?}), subgroup {}..{}, coop {:?}",
         ctx.info.name, ctx.info.backend, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size, ctx.coop
     );
-    println!("copy bandwidth (read + write, {} MiB buffers): {:.1} GB/s", copy_bytes >> 20, copy_bw / 1e9);
+    println!(
+        "copy bandwidth (read + write, {} MiB): copy kernel {:.1} GB/s (the roofline below), copy command {:.1} GB/s",
+        copy_bytes >> 20,
+        copy_bw / 1e9,
+        copy_cmd_bw / 1e9
+    );
     println!("timing: {}", if ctx.has_timestamps() { "GPU timestamps, median" } else { "CPU wall clock / reps" });
 
     let mut rows = Vec::new();
@@ -97,25 +122,34 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     }
     for (name, w) in &weights {
         for &m in &args.decode_m {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, args.reps)?;
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, None, args.reps)?;
+        }
+    }
+    if args.gemv_sweep {
+        for (name, w) in &weights {
+            for &m in &args.decode_m {
+                for cfg in SWEEP.iter().filter(|c| m as u32 * c.rpt <= 64) {
+                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, Some(*cfg), args.reps)?;
+                }
+            }
         }
     }
     // Prefill computes logits only for the last token of each sequence, so lm_head is
     // a decode-shaped product even there and is left out of the GEMM rows.
     for (name, w) in weights.iter().filter(|(_, w)| w.n != 151_936) {
         let m = args.prefill_m;
-        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, args.reps)?;
+        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, None, args.reps)?;
         if args.all_paths && ctx.coop.is_some() {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, args.reps)?;
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, None, args.reps)?;
         }
     }
     bench_small(&ctx, &mut rows, args.prefill_m, args.reps)?;
 
     println!();
-    println!("{:<30} {:>22} {:>6} {:>10} {:>9} {:>7} {:>9}", "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s");
+    println!("{:<30} {:>22} {:>14} {:>10} {:>9} {:>7} {:>9}", "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s");
     for r in &rows {
         println!(
-            "{:<30} {:>22} {:>6} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
+            "{:<30} {:>22} {:>14} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
             r.name,
             r.shape,
             r.path,
@@ -128,6 +162,15 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     Ok(())
 }
 
+fn copy_kernel_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f64> {
+    let n = (bytes / 4) as usize;
+    let a = ctx.empty(&[n], DType::F32)?;
+    let b = ctx.empty(&[n], DType::F32)?;
+    let t = time_reps(ctx, reps, |s| copy::copy(s, &a, &b))?;
+    Ok(2.0 * bytes as f64 / t)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn bench_matmul(
     ctx: &GpuContext,
     rows: &mut Vec<Row>,
@@ -135,6 +178,7 @@ fn bench_matmul(
     w: &Weight,
     m: usize,
     path: MatmulPath,
+    cfg: Option<GemvConfig>,
     reps: usize,
 ) -> Result<()> {
     let x = ctx.upload_f32(&[m, w.k], DType::F32, &vec![0.01; m * w.k])?;
@@ -145,13 +189,16 @@ fn bench_matmul(
         p => p,
     };
     drop(probe);
-    let t = time_reps(ctx, reps, |s| matmul::matmul_with(s, &x, w, &y, resolved))?;
+    let t = time_reps(ctx, reps, |s| matmul::matmul_tuned(s, &x, w, &y, resolved, cfg))?;
     let bytes = w.nbytes() as f64 + (m * w.k * 4 + m * w.n * 4) as f64;
     let flops = 2.0 * (m * w.n * w.k) as f64;
     rows.push(Row {
         name: name.to_string(),
         shape: format!("{m}x{}x{}", w.n, w.k),
-        path: format!("{resolved:?}").to_lowercase(),
+        path: match (resolved, cfg) {
+            (MatmulPath::Gemv, Some(c)) => format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt),
+            (p, _) => format!("{p:?}").to_lowercase(),
+        },
         us: t * 1e6,
         gbs: bytes / t / 1e9,
         tflops: (m > matmul::GEMV_MAX_M).then_some(flops / t / 1e12),

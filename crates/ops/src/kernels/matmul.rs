@@ -27,19 +27,44 @@ pub enum MatmulPath {
     Coop,
 }
 
-fn gemv_rows(k: usize) -> u32 {
-    // Short rows leave most of the 256 invocations idle; give each workgroup more of them.
-    if k < 1024 {
-        8
-    } else {
-        4
+/// Work split of the GEMV: `wg` invocations per workgroup, `tpr` of them per weight row
+/// (>= 64 so that no subgroup straddles two rows), `rpt` rows per row group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvConfig {
+    pub wg: u32,
+    pub tpr: u32,
+    pub rpt: u32,
+}
+
+impl GemvConfig {
+    /// Rows one workgroup produces.
+    pub fn rows_per_group(self) -> usize {
+        (self.wg / self.tpr * self.rpt) as usize
+    }
+
+    fn valid(self, m: usize) -> bool {
+        self.tpr >= 64
+            && self.wg % self.tpr == 0
+            && self.wg <= 256
+            && self.rpt >= 1
+            && m as u32 * self.rpt <= 64
+    }
+
+    /// The default split: enough invocations per row to cover it in a few 128-bit loads each.
+    pub fn for_shape(k: usize, dtype: DType) -> GemvConfig {
+        let per_vec = if dtype == DType::F32 { 4 } else { 8 };
+        let vecs = k / per_vec;
+        let tpr = if vecs >= 512 { 256 } else if vecs >= 192 { 128 } else { 64 };
+        GemvConfig { wg: 256, tpr, rpt: 4 }
     }
 }
 
-fn gemv_kernel(m: usize, rows: u32, dtype: DType) -> Kernel {
+fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType) -> Kernel {
     Kernel::new("gemv.wgsl", GEMV, "gemv")
         .u32("M", m as u32)
-        .u32("ROWS", rows)
+        .u32("WG", c.wg)
+        .u32("TPR", c.tpr)
+        .u32("RPT", c.rpt)
         .u32("W_DTYPE", dtype.float_code())
 }
 
@@ -60,10 +85,11 @@ fn coop_kernel(s: u32, dtype: DType) -> Kernel {
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        v.push(gemv_kernel(1, 4, dt));
+        v.push(gemv_kernel(1, GemvConfig::for_shape(2048, dt), dt));
         v.push(gemm_kernel(dt));
     }
-    v.push(gemv_kernel(8, 8, DType::F16));
+    v.push(gemv_kernel(8, GemvConfig { wg: 256, tpr: 64, rpt: 8 }, DType::F16));
+    v.push(gemv_kernel(3, GemvConfig { wg: 128, tpr: 128, rpt: 2 }, DType::BF16));
     for &s in coop_sizes {
         v.push(coop_kernel(s, DType::F16));
         v.push(coop_kernel(s, DType::BF16));
@@ -98,6 +124,18 @@ pub fn matmul(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor) -> Result<()>
 
 /// `matmul` by a chosen path (tests and benchmarks); an impossible choice is an error.
 pub fn matmul_with(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, path: MatmulPath) -> Result<()> {
+    matmul_tuned(step, x, w, y, path, None)
+}
+
+/// `matmul_with` with an explicit GEMV split (benchmark sweeps and tests of each split).
+pub fn matmul_tuned(
+    step: &mut Step,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    path: MatmulPath,
+    gemv: Option<GemvConfig>,
+) -> Result<()> {
     expect_dtype("matmul", x, DType::F32)?;
     expect_dtype("matmul", y, DType::F32)?;
     let k = w.k;
@@ -121,10 +159,13 @@ pub fn matmul_with(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, path: Ma
         let n = c.rows as u32;
         match path {
             MatmulPath::Gemv => {
-                let rows = gemv_rows(k);
+                let cfg = gemv.unwrap_or_else(|| GemvConfig::for_shape(k, w.dtype));
+                if !cfg.valid(m) {
+                    return Err(shape_err("matmul", format!("invalid GEMV split {cfg:?} for M={m}")));
+                }
                 let params = [n, k as u32, c.row_start as u32, w.n as u32];
-                let groups = grid(step.ctx, (c.rows).div_ceil(rows as usize));
-                step.dispatch(&gemv_kernel(m, rows, w.dtype), &[x, &c.tensor, y], &params, groups)?;
+                let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
+                step.dispatch(&gemv_kernel(m, cfg, w.dtype), &[x, &c.tensor, y], &params, groups)?;
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);

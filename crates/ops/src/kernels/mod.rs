@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod argmax;
+pub mod copy;
 pub mod embedding;
 pub mod matmul;
 pub mod rmsnorm;
@@ -58,5 +59,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(activation::variants());
     v.extend(softmax::variants());
     v.extend(argmax::variants());
+    v.extend(copy::variants());
     v
 }

@@ -48,6 +48,34 @@ fn store_tile(acc: CC, sg: u32, lane: u32, sg_size: u32, m_base: u32, n_base: u3
     workgroupBarrier();
 }
 
+// Global loads of one BK-deep slice of x and W into registers (zeros past the edges).
+fn load_slice(k0: u32, m0: u32, n0: u32, li: u32,
+              xr: ptr<function, array<vec4<f32>, X_LOADS>>,
+              wr: ptr<function, array<vec4<u32>, W_LOADS>>) {
+    for (var j = 0u; j < X_LOADS; j++) {
+        let idx = li + j * 256u;
+        let r = idx / (BK / 4u);
+        let gm = m0 + r;
+        let gk = k0 + (idx - r * (BK / 4u)) * 4u;
+        var v = vec4<f32>(0.0);
+        if gm < p.m && gk < p.k {
+            v = x[(gm * p.k + gk) / 4u];
+        }
+        (*xr)[j] = v;
+    }
+    for (var j = 0u; j < W_LOADS; j++) {
+        let idx = li + j * 256u;
+        let r = idx / (BK / 8u);
+        let gn = n0 + r;
+        let gk = k0 + (idx - r * (BK / 8u)) * 8u;
+        var v = vec4<u32>(0u);
+        if gn < p.n && gk < p.k {
+            v = w[(gn * p.k + gk) / 8u];
+        }
+        (*wr)[j] = v;
+    }
+}
+
 @compute @workgroup_size(256)
 fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
              @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32,
@@ -64,18 +92,17 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var c21 = CC();
     var c30 = CC();
     var c31 = CC();
+    // Software pipelining: the next slice's global loads are issued into registers before
+    // the current slice's matrix products, so memory latency hides behind tensor-core work.
+    var xr: array<vec4<f32>, X_LOADS>;
+    var wr: array<vec4<u32>, W_LOADS>;
+    load_slice(0u, m0, n0, li, &xr, &wr);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         for (var j = 0u; j < X_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 4u);
-            let c4 = idx - r * (BK / 4u);
-            let gm = m0 + r;
-            let gk = k0 + c4 * 4u;
-            var v = vec4<f32>(0.0);
-            if gm < p.m && gk < p.k {
-                v = x[(gm * p.k + gk) / 4u];
-            }
-            let o = r * BK + c4 * 4u;
+            let o = r * BK + (idx - r * (BK / 4u)) * 4u;
+            let v = xr[j];
             xs[o] = f16(v.x);
             xs[o + 1u] = f16(v.y);
             xs[o + 2u] = f16(v.z);
@@ -84,14 +111,8 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         for (var j = 0u; j < W_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 8u);
-            let c8 = idx - r * (BK / 8u);
-            let gn = n0 + r;
-            let gk = k0 + c8 * 8u;
-            var v = vec4<u32>(0u);
-            if gn < p.n && gk < p.k {
-                v = w[(gn * p.k + gk) / 8u];
-            }
-            let o = r * BK + c8 * 8u;
+            let o = r * BK + (idx - r * (BK / 8u)) * 8u;
+            let v = wr[j];
             let h0 = to_f16x2(v.x);
             let h1 = to_f16x2(v.y);
             let h2 = to_f16x2(v.z);
@@ -106,6 +127,9 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             ws[o + 7u] = h3.y;
         }
         workgroupBarrier();
+        if k0 + BK < p.k {
+            load_slice(k0 + BK, m0, n0, li, &xr, &wr);
+        }
         for (var kk = 0u; kk < BK; kk += S) {
             let b0 = coopLoad<CB>(&ws[wn * BK + kk], BK);
             let b1 = coopLoad<CB>(&ws[(wn + S) * BK + kk], BK);
