@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
-use vllm_apple_ops::kernels::matmul::{GemvConfig, MatmulPath};
+use vllm_apple_ops::kernels::matmul::{CoopConfig, GemvConfig, MatmulPath, Tuning};
 use vllm_apple_ops::kernels::copy;
 use vllm_apple_ops::{DType, Step, Weight};
 
@@ -66,7 +66,7 @@ fn rmsnorm_and_fused_residual() {
 }
 
 fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, chunk: u64, seed: u64) {
-    check_matmul_cfg(m, n, k, dtype, path, chunk, seed, None)
+    check_matmul_cfg(m, n, k, dtype, path, chunk, seed, Tuning::default())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -78,7 +78,7 @@ fn check_matmul_cfg(
     path: MatmulPath,
     chunk: u64,
     seed: u64,
-    cfg: Option<GemvConfig>,
+    cfg: Tuning,
 ) {
     let ctx = ctx();
     let mut r = rng(seed);
@@ -121,6 +121,13 @@ fn gemv_decode_shapes() {
     }
 }
 
+fn gemv(c: GemvConfig) -> Tuning {
+    Tuning {
+        gemv: Some(c),
+        coop: None,
+    }
+}
+
 #[test]
 fn gemv_every_work_split() {
     // Each split changes which invocations share a row and how partial sums meet.
@@ -132,8 +139,8 @@ fn gemv_every_work_split() {
         GemvConfig { wg: 64, tpr: 64, rpt: 5 },
     ];
     for (i, cfg) in splits.into_iter().enumerate() {
-        check_matmul_cfg(2, 203, 1000, DType::F16, MatmulPath::Gemv, u64::MAX, 70 + i as u64, Some(cfg));
-        check_matmul_cfg(1, 67, 96, DType::F32, MatmulPath::Gemv, u64::MAX, 80 + i as u64, Some(cfg));
+        check_matmul_cfg(2, 203, 1000, DType::F16, MatmulPath::Gemv, u64::MAX, 70 + i as u64, gemv(cfg));
+        check_matmul_cfg(1, 67, 96, DType::F32, MatmulPath::Gemv, u64::MAX, 80 + i as u64, gemv(cfg));
     }
 }
 
@@ -201,6 +208,13 @@ fn coop_gemm_matches_reference_where_offered() {
         check_matmul(m, n, k, dt, MatmulPath::Coop, u64::MAX, 50 + i as u64);
     }
     check_matmul(200, 700, 96, DType::BF16, MatmulPath::Coop, 256 * 96 * 2, 60);
+    for (i, pad, prefetch) in [(0u64, 0u32, false), (1, 0, true), (2, 8, false), (3, 16, true)] {
+        let t = Tuning {
+            gemv: None,
+            coop: Some(CoopConfig { pad, prefetch }),
+        };
+        check_matmul_cfg(130, 300, 200, DType::F16, MatmulPath::Coop, u64::MAX, 61 + i, t);
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use vllm_apple_ops::kernels::matmul::{self, GemvConfig, MatmulPath};
+use vllm_apple_ops::kernels::matmul::{self, CoopConfig, GemvConfig, MatmulPath, Tuning};
 use vllm_apple_ops::kernels::{activation, argmax, copy, rmsnorm, rope};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
 
@@ -30,6 +30,9 @@ pub struct Args {
     /// Time every GEMV work split on the decode shapes (tuning).
     #[arg(long)]
     gemv_sweep: bool,
+    /// Time every cooperative-matrix GEMM variant on the prefill shapes (tuning).
+    #[arg(long)]
+    coop_sweep: bool,
 }
 
 const SWEEP: &[GemvConfig] = &[
@@ -115,32 +118,50 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     println!("timing: {}", if ctx.has_timestamps() { "GPU timestamps, median" } else { "CPU wall clock / reps" });
 
     let mut rows = Vec::new();
+    // Enough copies of each weight that one timed round streams at least 4x the largest L2
+    // (50 MB on the H100) rather than re-reading cached weights.
     let mut weights = Vec::new();
     for (i, &(name, n, k)) in SHAPES.iter().enumerate() {
-        let w = Weight::upload(&ctx, name, n, k, dtype, &random_half_bytes(n * k, dtype, 7 + i as u64))?;
-        weights.push((name, w));
+        let bytes = random_half_bytes(n * k, dtype, 7 + i as u64);
+        let copies = if cpu { 1 } else { (256usize << 20).div_ceil(bytes.len()).min(args.reps) };
+        let set = (0..copies)
+            .map(|_| Weight::upload(&ctx, name, n, k, dtype, &bytes))
+            .collect::<vllm_apple_ops::Result<Vec<_>>>()?;
+        weights.push((name, set));
     }
     for (name, w) in &weights {
+        let w = &w[..];
         for &m in &args.decode_m {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, None, args.reps)?;
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, Tuning::default(), args.reps)?;
         }
     }
     if args.gemv_sweep {
         for (name, w) in &weights {
+            let w = &w[..];
             for &m in &args.decode_m {
                 for cfg in SWEEP.iter().filter(|c| m as u32 * c.rpt <= 64) {
-                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, Some(*cfg), args.reps)?;
+                    let t = Tuning { gemv: Some(*cfg), coop: None };
+                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, t, args.reps)?;
                 }
             }
         }
     }
     // Prefill computes logits only for the last token of each sequence, so lm_head is
     // a decode-shaped product even there and is left out of the GEMM rows.
-    for (name, w) in weights.iter().filter(|(_, w)| w.n != 151_936) {
+    for (name, w) in weights.iter().filter(|(_, w)| w[0].n != 151_936) {
+        let w = &w[..1];
         let m = args.prefill_m;
-        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, None, args.reps)?;
+        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, Tuning::default(), args.reps)?;
         if args.all_paths && ctx.coop.is_some() {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, None, args.reps)?;
+            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, Tuning::default(), args.reps)?;
+        }
+        if args.coop_sweep && ctx.coop.is_some() {
+            for pad in [0, 8, 16] {
+                for prefetch in [false, true] {
+                    let t = Tuning { gemv: None, coop: Some(CoopConfig { pad, prefetch }) };
+                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+                }
+            }
         }
     }
     bench_small(&ctx, &mut rows, args.prefill_m, args.reps)?;
@@ -166,7 +187,7 @@ fn copy_kernel_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f6
     let n = (bytes / 4) as usize;
     let a = ctx.empty(&[n], DType::F32)?;
     let b = ctx.empty(&[n], DType::F32)?;
-    let t = time_reps(ctx, reps, |s| copy::copy(s, &a, &b))?;
+    let t = time_reps(ctx, reps, |s, _| copy::copy(s, &a, &b))?;
     Ok(2.0 * bytes as f64 / t)
 }
 
@@ -175,28 +196,36 @@ fn bench_matmul(
     ctx: &GpuContext,
     rows: &mut Vec<Row>,
     name: &str,
-    w: &Weight,
+    ws: &[Weight],
     m: usize,
     path: MatmulPath,
-    cfg: Option<GemvConfig>,
+    cfg: Tuning,
     reps: usize,
 ) -> Result<()> {
+    let w = &ws[0];
     let x = ctx.upload_f32(&[m, w.k], DType::F32, &vec![0.01; m * w.k])?;
-    let y = ctx.empty(&[m, w.n], DType::F32)?;
+    let ys = (0..ws.len().max(8).min(reps))
+        .map(|_| ctx.empty(&[m, w.n], DType::F32))
+        .collect::<vllm_apple_ops::Result<Vec<_>>>()?;
     let probe = vllm_apple_ops::Step::new(ctx);
     let resolved = match path {
         MatmulPath::Auto => matmul::auto_path(&probe, m, w),
         p => p,
     };
     drop(probe);
-    let t = time_reps(ctx, reps, |s| matmul::matmul_tuned(s, &x, w, &y, resolved, cfg))?;
+    let t = time_reps(ctx, reps, |s, r| {
+        matmul::matmul_tuned(s, &x, &ws[r % ws.len()], &ys[r % ys.len()], resolved, cfg)
+    })?;
     let bytes = w.nbytes() as f64 + (m * w.k * 4 + m * w.n * 4) as f64;
     let flops = 2.0 * (m * w.n * w.k) as f64;
     rows.push(Row {
         name: name.to_string(),
         shape: format!("{m}x{}x{}", w.n, w.k),
         path: match (resolved, cfg) {
-            (MatmulPath::Gemv, Some(c)) => format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt),
+            (MatmulPath::Gemv, Tuning { gemv: Some(c), .. }) => format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt),
+            (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
+                format!("coop p{}{}", c.pad, if c.prefetch { "+pf" } else { "" })
+            }
             (p, _) => format!("{p:?}").to_lowercase(),
         },
         us: t * 1e6,
@@ -213,13 +242,13 @@ fn bench_small(ctx: &GpuContext, rows: &mut Vec<Row>, prefill_m: usize, reps: us
         let res = ctx.upload_f32(&[m, h], DType::F32, &vec![0.25; m * h])?;
         let w = ctx.upload_f32(&[h], DType::F32, &vec![1.0; h])?;
         let out = ctx.empty(&[m, h], DType::F32)?;
-        let t = time_reps(ctx, reps, |s| rmsnorm::add_rmsnorm(s, &x, &res, &w, 1e-6, &out))?;
+        let t = time_reps(ctx, reps, |s, _| rmsnorm::add_rmsnorm(s, &x, &res, &w, 1e-6, &out))?;
         rows.push(small_row("add_rmsnorm", format!("{m}x{h}"), t, (m * h * 16) as f64));
 
         let i = 768;
         let gu = ctx.upload_f32(&[m, 2 * i], DType::F32, &vec![0.5; m * 2 * i])?;
         let o = ctx.empty(&[m, i], DType::F32)?;
-        let t = time_reps(ctx, reps, |s| activation::silu_mul(s, &gu, &o))?;
+        let t = time_reps(ctx, reps, |s, _| activation::silu_mul(s, &gu, &o))?;
         rows.push(small_row("silu_mul", format!("{m}x{i}"), t, (m * i * 12) as f64));
 
         let (hq, hkv, d) = (32, 4, 128);
@@ -228,14 +257,14 @@ fn bench_small(ctx: &GpuContext, rows: &mut Vec<Row>, prefill_m: usize, reps: us
         let inv = ctx.upload_f32(&[d / 2], DType::F32, &rope::inv_freq(d, 1e6, None))?;
         let qn = ctx.upload_f32(&[d], DType::F32, &vec![1.0; d])?;
         let shape = rope::RopeShape { q_heads: hq, kv_heads: hkv, head_dim: d };
-        let t = time_reps(ctx, reps, |s| rope::rope(s, &qkv, &pos, &inv, Some((&qn, &qn)), 1e-6, shape))?;
+        let t = time_reps(ctx, reps, |s, _| rope::rope(s, &qkv, &pos, &inv, Some((&qn, &qn)), 1e-6, shape))?;
         rows.push(small_row("rope+qk_norm", format!("{m}x{}x{d}", hq + hkv), t, (m * (hq + hkv) * d * 8) as f64));
     }
     for m in [1usize, 8] {
         let v = 151_936;
         let logits = ctx.upload_f32(&[m, v], DType::F32, &vec![0.5; m * v])?;
         let ids = ctx.empty(&[m], DType::U32)?;
-        let t = time_reps(ctx, reps, |s| argmax::argmax(s, &logits, &ids))?;
+        let t = time_reps(ctx, reps, |s, _| argmax::argmax(s, &logits, &ids))?;
         rows.push(small_row("argmax", format!("{m}x{v}"), t, (m * v * 4) as f64));
     }
     Ok(())

@@ -13,25 +13,35 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Seconds per repetition of `record` (median), after one untimed warm-up repetition.
+/// Seconds per repetition of `record(step, rep)`, from `rounds` timed passes that each hold
+/// all `reps` repetitions back to back (the median round, divided by `reps`). Back to back,
+/// launch latency overlaps as it does in a real step; `rep` lets the caller rotate buffers
+/// so repetitions neither share outputs (a barrier each) nor re-read cached weights.
 pub fn time_reps(
     ctx: &GpuContext,
     reps: usize,
-    mut record: impl FnMut(&mut Step) -> vllm_apple_ops::Result<()>,
+    mut record: impl FnMut(&mut Step, usize) -> vllm_apple_ops::Result<()>,
 ) -> Result<f64> {
+    let rounds = 3usize;
     let mut warm = Step::new(ctx);
-    record(&mut warm)?;
+    for r in 0..reps {
+        record(&mut warm, r)?;
+    }
     warm.submit_and_wait()?;
     if !ctx.has_timestamps() {
-        let t0 = Instant::now();
-        let mut step = Step::new(ctx);
-        for _ in 0..reps {
-            record(&mut step)?;
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            let mut step = Step::new(ctx);
+            for r in 0..reps {
+                record(&mut step, r)?;
+            }
+            step.submit_and_wait()?;
+            samples.push(t0.elapsed().as_secs_f64() / reps as f64);
         }
-        step.submit_and_wait()?;
-        return Ok(t0.elapsed().as_secs_f64() / reps as f64);
+        return Ok(median(samples));
     }
-    let n = (2 * reps) as u32;
+    let n = (2 * rounds) as u32;
     let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
         label: Some("bench"),
         ty: wgpu::QueryType::Timestamp,
@@ -50,9 +60,11 @@ pub fn time_reps(
         mapped_at_creation: false,
     });
     let mut step = Step::new(ctx);
-    for r in 0..reps {
-        step.begin_timed_pass(&qs, 2 * r as u32)?;
-        record(&mut step)?;
+    for round in 0..rounds {
+        step.begin_timed_pass(&qs, 2 * round as u32)?;
+        for r in 0..reps {
+            record(&mut step, r)?;
+        }
     }
     step.end_pass();
     let enc = step.raw_encoder()?;
@@ -71,7 +83,7 @@ pub fn time_reps(
     let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
     let times: Vec<f64> = ticks
         .chunks_exact(2)
-        .map(|p| p[1].saturating_sub(p[0]) as f64 * period)
+        .map(|p| p[1].saturating_sub(p[0]) as f64 * period / reps as f64)
         .collect();
     Ok(median(times))
 }

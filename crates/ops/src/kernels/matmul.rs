@@ -50,12 +50,15 @@ impl GemvConfig {
             && m as u32 * self.rpt <= 64
     }
 
-    /// The default split: enough invocations per row to cover it in a few 128-bit loads each.
-    pub fn for_shape(k: usize, dtype: DType) -> GemvConfig {
-        let per_vec = if dtype == DType::F32 { 4 } else { 8 };
-        let vecs = k / per_vec;
-        let tpr = if vecs >= 512 { 256 } else if vecs >= 192 { 128 } else { 64 };
-        GemvConfig { wg: 256, tpr, rpt: 4 }
+    /// The default split, from the sweep on the H100 (docs/performance.md): at M = 1, 128
+    /// invocations on 2 rows ran within 3% of the best split on every Qwen3-30B-A3B shape;
+    /// larger M favours 64 invocations on 4 rows.
+    pub fn for_batch(m: usize) -> GemvConfig {
+        if m <= 2 {
+            GemvConfig { wg: 128, tpr: 128, rpt: 2 }
+        } else {
+            GemvConfig { wg: 128, tpr: 64, rpt: 4 }
+        }
     }
 }
 
@@ -72,10 +75,33 @@ fn gemm_kernel(dtype: DType) -> Kernel {
     Kernel::new("gemm.wgsl", GEMM, "gemm").u32("W_DTYPE", dtype.float_code())
 }
 
-fn coop_kernel(s: u32, dtype: DType) -> Kernel {
+/// Variant of the cooperative-matrix GEMM: row padding of the staged slices (halves) and
+/// whether the next slice's loads are issued before the current slice's products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopConfig {
+    pub pad: u32,
+    pub prefetch: bool,
+}
+
+impl Default for CoopConfig {
+    fn default() -> Self {
+        CoopConfig { pad: 8, prefetch: true }
+    }
+}
+
+/// Explicit kernel variants for benchmark sweeps and tests; `None` takes the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuning {
+    pub gemv: Option<GemvConfig>,
+    pub coop: Option<CoopConfig>,
+}
+
+fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
     Kernel::new("gemm_coop.wgsl", GEMM_COOP, "gemm_coop")
         .u32("S", s)
         .u32("W_DTYPE", dtype.float_code())
+        .u32("PAD", c.pad)
+        .bool("PREFETCH", c.prefetch)
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
         .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
@@ -85,14 +111,14 @@ fn coop_kernel(s: u32, dtype: DType) -> Kernel {
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        v.push(gemv_kernel(1, GemvConfig::for_shape(2048, dt), dt));
+        v.push(gemv_kernel(1, GemvConfig::for_batch(1), dt));
         v.push(gemm_kernel(dt));
     }
     v.push(gemv_kernel(8, GemvConfig { wg: 256, tpr: 64, rpt: 8 }, DType::F16));
     v.push(gemv_kernel(3, GemvConfig { wg: 128, tpr: 128, rpt: 2 }, DType::BF16));
     for &s in coop_sizes {
-        v.push(coop_kernel(s, DType::F16));
-        v.push(coop_kernel(s, DType::BF16));
+        v.push(coop_kernel(s, DType::F16, CoopConfig::default()));
+        v.push(coop_kernel(s, DType::BF16, CoopConfig { pad: 0, prefetch: false }));
     }
     v
 }
@@ -124,7 +150,7 @@ pub fn matmul(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor) -> Result<()>
 
 /// `matmul` by a chosen path (tests and benchmarks); an impossible choice is an error.
 pub fn matmul_with(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, path: MatmulPath) -> Result<()> {
-    matmul_tuned(step, x, w, y, path, None)
+    matmul_tuned(step, x, w, y, path, Tuning::default())
 }
 
 /// `matmul_with` with an explicit GEMV split (benchmark sweeps and tests of each split).
@@ -134,7 +160,7 @@ pub fn matmul_tuned(
     w: &Weight,
     y: &Tensor,
     path: MatmulPath,
-    gemv: Option<GemvConfig>,
+    tuning: Tuning,
 ) -> Result<()> {
     expect_dtype("matmul", x, DType::F32)?;
     expect_dtype("matmul", y, DType::F32)?;
@@ -159,7 +185,7 @@ pub fn matmul_tuned(
         let n = c.rows as u32;
         match path {
             MatmulPath::Gemv => {
-                let cfg = gemv.unwrap_or_else(|| GemvConfig::for_shape(k, w.dtype));
+                let cfg = tuning.gemv.unwrap_or_else(|| GemvConfig::for_batch(m));
                 if !cfg.valid(m) {
                     return Err(shape_err("matmul", format!("invalid GEMV split {cfg:?} for M={m}")));
                 }
@@ -172,7 +198,8 @@ pub fn matmul_tuned(
                 let tile = (8 * s) as usize;
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
-                step.dispatch(&coop_kernel(s, w.dtype), &[x, &c.tensor, y], &params, groups)?;
+                let cfg = tuning.coop.unwrap_or_default();
+                step.dispatch(&coop_kernel(s, w.dtype, cfg), &[x, &c.tensor, y], &params, groups)?;
             }
             _ => {
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];

@@ -4,7 +4,7 @@
 // owns a (4 S) x (2 S) block of the (8 S) x (8 S) workgroup tile as eight S x S accumulators.
 // x (f32) and W (f16 or bf16) slices of depth BK are staged as f16 in workgroup memory.
 // Needs K % 8 == 0 (128-bit loads); M and N edges are bounds-checked.
-// Prelude: S (8 or 16), W_DTYPE, and aliases CA, CB, CC for the coop_mat types.
+// Prelude: S (8 or 16), W_DTYPE, PAD, PREFETCH, and aliases CA, CB, CC for the coop_mat types.
 struct Params {
     m: u32,
     n: u32,
@@ -21,10 +21,12 @@ var<immediate> p: Params;
 const BM: u32 = 8u * S;
 const BN: u32 = 8u * S;
 const BK: u32 = 32u;
+// Row stride of the staged slices: BK plus PAD halves, to spread rows over memory banks.
+const LDS: u32 = BK + PAD;
 const X_LOADS: u32 = BM * BK / 4u / 256u;
 const W_LOADS: u32 = BN * BK / 8u / 256u;
-var<workgroup> xs: array<f16, BM * BK>;
-var<workgroup> ws: array<f16, BN * BK>;
+var<workgroup> xs: array<f16, BM * LDS>;
+var<workgroup> ws: array<f16, BN * LDS>;
 var<workgroup> cs: array<f32, 8u * S * S>;
 
 fn to_f16x2(v: u32) -> vec2<f16> {
@@ -98,10 +100,13 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var wr: array<vec4<u32>, W_LOADS>;
     load_slice(0u, m0, n0, li, &xr, &wr);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        if !PREFETCH && k0 > 0u {
+            load_slice(k0, m0, n0, li, &xr, &wr);
+        }
         for (var j = 0u; j < X_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 4u);
-            let o = r * BK + (idx - r * (BK / 4u)) * 4u;
+            let o = r * LDS + (idx - r * (BK / 4u)) * 4u;
             let v = xr[j];
             xs[o] = f16(v.x);
             xs[o + 1u] = f16(v.y);
@@ -111,7 +116,7 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         for (var j = 0u; j < W_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 8u);
-            let o = r * BK + (idx - r * (BK / 8u)) * 8u;
+            let o = r * LDS + (idx - r * (BK / 8u)) * 8u;
             let v = wr[j];
             let h0 = to_f16x2(v.x);
             let h1 = to_f16x2(v.y);
@@ -127,22 +132,22 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             ws[o + 7u] = h3.y;
         }
         workgroupBarrier();
-        if k0 + BK < p.k {
+        if PREFETCH && k0 + BK < p.k {
             load_slice(k0 + BK, m0, n0, li, &xr, &wr);
         }
         for (var kk = 0u; kk < BK; kk += S) {
-            let b0 = coopLoad<CB>(&ws[wn * BK + kk], BK);
-            let b1 = coopLoad<CB>(&ws[(wn + S) * BK + kk], BK);
-            let a0 = coopLoadT<CA>(&xs[wm * BK + kk], BK);
+            let b0 = coopLoad<CB>(&ws[wn * LDS + kk], LDS);
+            let b1 = coopLoad<CB>(&ws[(wn + S) * LDS + kk], LDS);
+            let a0 = coopLoadT<CA>(&xs[wm * LDS + kk], LDS);
             c00 = coopMultiplyAdd(a0, b0, c00);
             c01 = coopMultiplyAdd(a0, b1, c01);
-            let a1 = coopLoadT<CA>(&xs[(wm + S) * BK + kk], BK);
+            let a1 = coopLoadT<CA>(&xs[(wm + S) * LDS + kk], LDS);
             c10 = coopMultiplyAdd(a1, b0, c10);
             c11 = coopMultiplyAdd(a1, b1, c11);
-            let a2 = coopLoadT<CA>(&xs[(wm + 2u * S) * BK + kk], BK);
+            let a2 = coopLoadT<CA>(&xs[(wm + 2u * S) * LDS + kk], LDS);
             c20 = coopMultiplyAdd(a2, b0, c20);
             c21 = coopMultiplyAdd(a2, b1, c21);
-            let a3 = coopLoadT<CA>(&xs[(wm + 3u * S) * BK + kk], BK);
+            let a3 = coopLoadT<CA>(&xs[(wm + 3u * S) * LDS + kk], LDS);
             c30 = coopMultiplyAdd(a3, b0, c30);
             c31 = coopMultiplyAdd(a3, b1, c31);
         }
