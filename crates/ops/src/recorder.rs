@@ -105,13 +105,26 @@ impl<'c> Step<'c> {
         params: &[u32],
         groups: [u32; 3],
     ) -> Result<()> {
+        let numbered: Vec<(u32, &Tensor)> =
+            bindings.iter().enumerate().map(|(i, t)| (i as u32, *t)).collect();
+        self.dispatch_at(kernel, &numbered, params, groups)
+    }
+
+    /// Like `dispatch`, with explicit binding numbers (entry points that share a module
+    /// but use different subsets of its bindings).
+    pub fn dispatch_at(
+        &mut self,
+        kernel: &Kernel,
+        bindings: &[(u32, &Tensor)],
+        params: &[u32],
+        groups: [u32; 3],
+    ) -> Result<()> {
         let pipeline = self.ctx.pipeline(kernel)?;
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = bindings
             .iter()
-            .enumerate()
             .map(|(i, t)| wgpu::BindGroupEntry {
-                binding: i as u32,
+                binding: *i,
                 resource: t.binding(),
             })
             .collect();

@@ -208,10 +208,10 @@ fn coop_gemm_matches_reference_where_offered() {
         check_matmul(m, n, k, dt, MatmulPath::Coop, u64::MAX, 50 + i as u64);
     }
     check_matmul(200, 700, 96, DType::BF16, MatmulPath::Coop, 256 * 96 * 2, 60);
-    for (i, pad, prefetch) in [(0u64, 0u32, false), (1, 0, true), (2, 8, false), (3, 16, true)] {
+    for (i, bk, pad, prefetch) in [(0u64, 32u32, 0u32, false), (1, 32, 0, true), (2, 32, 8, false), (3, 64, 16, true), (4, 64, 0, false)] {
         let t = Tuning {
             gemv: None,
-            coop: Some(CoopConfig { pad, prefetch }),
+            coop: Some(CoopConfig { bk, pad, prefetch }),
         };
         check_matmul_cfg(130, 300, 200, DType::F16, MatmulPath::Coop, u64::MAX, 61 + i, t);
     }

@@ -156,11 +156,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, Tuning::default(), args.reps)?;
         }
         if args.coop_sweep && ctx.coop.is_some() {
-            for pad in [0, 8, 16] {
-                for prefetch in [false, true] {
-                    let t = Tuning { gemv: None, coop: Some(CoopConfig { pad, prefetch }) };
-                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
-                }
+            for (bk, pad, prefetch) in [(32, 0, false), (32, 0, true), (64, 0, false), (64, 0, true), (64, 8, false)] {
+                let t = Tuning { gemv: None, coop: Some(CoopConfig { bk, pad, prefetch }) };
+                bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
             }
         }
     }
@@ -224,7 +222,7 @@ fn bench_matmul(
         path: match (resolved, cfg) {
             (MatmulPath::Gemv, Tuning { gemv: Some(c), .. }) => format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt),
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
-                format!("coop p{}{}", c.pad, if c.prefetch { "+pf" } else { "" })
+                format!("coop k{}p{}{}", c.bk, c.pad, if c.prefetch { "+pf" } else { "" })
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },

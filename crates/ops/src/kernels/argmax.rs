@@ -9,12 +9,19 @@ use crate::tensor::Tensor;
 
 const SRC: &str = wgsl!("argmax.wgsl");
 
-fn kernel() -> Kernel {
-    Kernel::new("argmax.wgsl", SRC, "argmax")
+/// Logits per workgroup in the first pass.
+const BLOCK: u32 = 4096;
+
+fn blocks_kernel() -> Kernel {
+    Kernel::new("argmax.wgsl", SRC, "argmax_blocks").u32("BLOCK", BLOCK)
+}
+
+fn rows_kernel() -> Kernel {
+    Kernel::new("argmax.wgsl", SRC, "argmax_rows").u32("BLOCK", BLOCK)
 }
 
 pub(crate) fn variants() -> Vec<Kernel> {
-    vec![kernel()]
+    vec![blocks_kernel(), rows_kernel()]
 }
 
 /// `ids[m] = argmax(logits[m, :])`, lowest index on ties.
@@ -24,7 +31,11 @@ pub fn argmax(step: &mut Step, logits: &Tensor, ids: &Tensor) -> Result<()> {
     let n = logits.dim_back(0);
     let m = logits.rows();
     expect_len("argmax", "ids", ids, m)?;
-    step.dispatch(&kernel(), &[logits, ids], &[m as u32, n as u32], grid(step.ctx, m))
+    let blocks = n.div_ceil(BLOCK as usize).max(1);
+    let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
+    let params = [m as u32, n as u32, blocks as u32];
+    step.dispatch(&blocks_kernel(), &[logits, &partial], &params, grid(step.ctx, m * blocks))?;
+    step.dispatch_at(&rows_kernel(), &[(1, &partial), (2, ids)], &params, grid(step.ctx, m))
 }
 
 pub mod cpu {

@@ -79,13 +79,17 @@ fn gemm_kernel(dtype: DType) -> Kernel {
 /// whether the next slice's loads are issued before the current slice's products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopConfig {
+    /// Depth of the staged slices (32, or 64 where workgroup memory allows).
+    pub bk: u32,
     pub pad: u32,
     pub prefetch: bool,
 }
 
 impl Default for CoopConfig {
+    /// The fastest variant on the H100 sweep (docs/performance.md): padding and register
+    /// prefetch both lost there.
     fn default() -> Self {
-        CoopConfig { pad: 8, prefetch: true }
+        CoopConfig { bk: 32, pad: 0, prefetch: false }
     }
 }
 
@@ -100,6 +104,7 @@ fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
     Kernel::new("gemm_coop.wgsl", GEMM_COOP, "gemm_coop")
         .u32("S", s)
         .u32("W_DTYPE", dtype.float_code())
+        .u32("BK", c.bk)
         .u32("PAD", c.pad)
         .bool("PREFETCH", c.prefetch)
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
@@ -118,7 +123,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.push(gemv_kernel(3, GemvConfig { wg: 128, tpr: 128, rpt: 2 }, DType::BF16));
     for &s in coop_sizes {
         v.push(coop_kernel(s, DType::F16, CoopConfig::default()));
-        v.push(coop_kernel(s, DType::BF16, CoopConfig { pad: 0, prefetch: false }));
+        v.push(coop_kernel(s, DType::BF16, CoopConfig { bk: 32, pad: 8, prefetch: true }));
     }
     v
 }

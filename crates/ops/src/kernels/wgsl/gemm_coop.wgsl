@@ -4,7 +4,7 @@
 // owns a (4 S) x (2 S) block of the (8 S) x (8 S) workgroup tile as eight S x S accumulators.
 // x (f32) and W (f16 or bf16) slices of depth BK are staged as f16 in workgroup memory.
 // Needs K % 8 == 0 (128-bit loads); M and N edges are bounds-checked.
-// Prelude: S (8 or 16), W_DTYPE, PAD, PREFETCH, and aliases CA, CB, CC for the coop_mat types.
+// Prelude: S (8 or 16), BK (32 or 64), W_DTYPE, PAD, PREFETCH, and aliases CA, CB, CC for the coop_mat types.
 struct Params {
     m: u32,
     n: u32,
@@ -20,7 +20,6 @@ var<immediate> p: Params;
 
 const BM: u32 = 8u * S;
 const BN: u32 = 8u * S;
-const BK: u32 = 32u;
 // Row stride of the staged slices: BK plus PAD halves, to spread rows over memory banks.
 const LDS: u32 = BK + PAD;
 const X_LOADS: u32 = BM * BK / 4u / 256u;
