@@ -1,6 +1,10 @@
 //! The step recorder: kernel dispatches of one engine step encoded into a single compute
 //! pass of a single command buffer, submitted once. wgpu inserts the barriers between
 //! dependent dispatches; nothing here waits on the GPU until the caller asks.
+//!
+//! A step keeps a handle on every tensor it binds until the GPU has finished it, so a
+//! pooled buffer dropped by its owner right after `submit` (or a launcher's scratch) can
+//! never be handed to someone else while the GPU still reads or writes it.
 
 use crate::context::GpuContext;
 use crate::error::{OpsError, Result};
@@ -12,6 +16,7 @@ pub struct Step<'c> {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
+    keep: Vec<Tensor>,
 }
 
 /// Splits a 1-D workgroup count over x and y when it exceeds the per-dimension limit;
@@ -36,6 +41,7 @@ impl<'c> Step<'c> {
             encoder: Some(encoder),
             pass: None,
             dispatches: 0,
+            keep: Vec::new(),
         }
     }
 
@@ -141,6 +147,7 @@ impl<'c> Step<'c> {
         }
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         self.dispatches += 1;
+        self.keep.extend(bindings.iter().map(|(_, t)| (*t).clone()));
         Ok(())
     }
 
@@ -155,6 +162,8 @@ impl<'c> Step<'c> {
         let size = src.nbytes().next_multiple_of(4);
         self.encoder()?
             .copy_buffer_to_buffer(src.buffer(), src.offset(), dst.buffer(), dst.offset(), size);
+        self.keep.push(src.clone());
+        self.keep.push(dst.clone());
         Ok(())
     }
 
@@ -171,6 +180,8 @@ impl<'c> Step<'c> {
             .take()
             .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
         let idx = self.ctx.queue.submit([enc.finish()]);
+        let keep = std::mem::take(&mut self.keep);
+        self.ctx.queue.on_submitted_work_done(move || drop(keep));
         self.ctx.take_gpu_error()?;
         Ok(idx)
     }

@@ -321,3 +321,29 @@ fn shape_and_dtype_errors_are_reported_not_panicked() {
     assert!(e.to_string().contains("dtype"), "{e}");
     assert!(Weight::upload(ctx, "bad", 4, 16, DType::F16, &[0u8; 10]).is_err());
 }
+
+#[test]
+fn pool_never_recycles_a_buffer_the_gpu_still_uses() {
+    let ctx = ctx();
+    // An odd size class no other test uses, so the pool's behaviour here is deterministic.
+    let n = 77_780;
+    let src = ctx.upload_f32(&[n], DType::F32, &vec![1.5; n]).unwrap();
+    let scratch = ctx.empty(&[n], DType::F32).unwrap();
+    let raw = scratch.buffer().clone();
+    let mut s = Step::new(ctx);
+    copy::copy(&mut s, &src, &scratch).unwrap();
+    drop(scratch);
+    // Dropped by its owner but bound in a recorded step: not back in the pool.
+    let other = ctx.empty(&[n], DType::F32).unwrap();
+    assert!(other.buffer() != &raw, "pool handed out a buffer still recorded in a step");
+    s.submit().unwrap();
+    let again = ctx.empty(&[n], DType::F32).unwrap();
+    assert!(again.buffer() != &raw, "pool handed out a buffer the GPU may still be writing");
+    drop((other, again));
+    ctx.wait_idle().unwrap();
+    // Once the GPU is done, the buffer is reusable.
+    let reused = ctx.empty(&[n], DType::F32).unwrap();
+    let reused2 = ctx.empty(&[n], DType::F32).unwrap();
+    let reused3 = ctx.empty(&[n], DType::F32).unwrap();
+    assert!([&reused, &reused2, &reused3].iter().any(|t| t.buffer() == &raw));
+}

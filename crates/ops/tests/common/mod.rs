@@ -40,16 +40,29 @@ pub fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0f64, |a, b| a.max(b.abs() as f64)).max(1e-30);
-    let mut worst = 0f64;
+    worst_element(got, want).1 / scale
+}
+
+/// (index, absolute error) of the worst element.
+fn worst_element(got: &[f32], want: &[f32]) -> (usize, f64) {
+    let mut worst = (0, 0f64);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let e = (*g as f64 - *w as f64).abs();
         assert!(g.is_finite(), "element {i} is {g} (want {w}): unwritten or overflowed");
-        worst = worst.max(e);
+        if e > worst.1 {
+            worst = (i, e);
+        }
     }
-    worst / scale
+    worst
 }
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
+    let (i, _) = worst_element(got, want);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.1e} (worst at {i}: got {}, want {})",
+        got[i],
+        want[i]
+    );
 }
