@@ -124,7 +124,7 @@ fn gemv_decode_shapes() {
 fn gemv(c: GemvConfig) -> Tuning {
     Tuning {
         gemv: Some(c),
-        ..Default::default()
+        coop: None,
     }
 }
 
@@ -208,20 +208,10 @@ fn coop_gemm_matches_reference_where_offered() {
         check_matmul(m, n, k, dt, MatmulPath::Coop, u64::MAX, 50 + i as u64);
     }
     check_matmul(200, 700, 96, DType::BF16, MatmulPath::Coop, 256 * 96 * 2, 60);
-    // f16 weights in whole 128-row chunks take the direct kernel (M edge staged); the same
-    // shape forced through the staged kernel must agree too.
-    check_matmul(130, 512, 96, DType::F16, MatmulPath::Coop, 256 * 96 * 2, 66);
-    let staged = Tuning {
-        coop_staged_only: true,
-        ..Default::default()
-    };
-    check_matmul_cfg(130, 512, 96, DType::F16, MatmulPath::Coop, 256 * 96 * 2, 67, staged);
     for (i, bk, pad, prefetch) in [(0u64, 32u32, 0u32, false), (1, 32, 0, true), (2, 32, 8, false), (3, 64, 16, true), (4, 64, 0, false)] {
         let t = Tuning {
             gemv: None,
             coop: Some(CoopConfig { bk, pad, prefetch }),
-            coop_staged_only: true,
-            ..Default::default()
         };
         check_matmul_cfg(130, 300, 200, DType::F16, MatmulPath::Coop, u64::MAX, 61 + i, t);
     }

@@ -140,7 +140,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             let w = &w[..];
             for &m in &args.decode_m {
                 for cfg in SWEEP.iter().filter(|c| m as u32 * c.rpt <= 64) {
-                    let t = Tuning { gemv: Some(*cfg), ..Default::default() };
+                    let t = Tuning { gemv: Some(*cfg), coop: None };
                     bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, t, args.reps)?;
                 }
             }
@@ -154,16 +154,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, Tuning::default(), args.reps)?;
         if args.all_paths && ctx.coop.is_some() {
             bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, Tuning::default(), args.reps)?;
-            let staged = Tuning { coop_staged_only: true, ..Default::default() };
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, staged, args.reps)?;
         }
         if args.coop_sweep && ctx.coop.is_some() {
             for (bk, pad, prefetch) in [(32, 0, false), (32, 0, true), (64, 0, false), (64, 0, true), (64, 8, false)] {
-                let t = Tuning {
-                    coop: Some(CoopConfig { bk, pad, prefetch }),
-                    coop_staged_only: true,
-                    ..Default::default()
-                };
+                let t = Tuning { gemv: None, coop: Some(CoopConfig { bk, pad, prefetch }) };
                 bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
             }
         }
@@ -216,6 +210,7 @@ fn bench_matmul(
         MatmulPath::Auto => matmul::auto_path(&probe, m, w),
         p => p,
     };
+    drop(probe);
     let t = time_reps(ctx, reps, |s, r| {
         matmul::matmul_tuned(s, &x, &ws[r % ws.len()], &ys[r % ys.len()], resolved, cfg)
     })?;
@@ -229,8 +224,6 @@ fn bench_matmul(
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
                 format!("coop k{}p{}{}", c.bk, c.pad, if c.prefetch { "+pf" } else { "" })
             }
-            (MatmulPath::Coop, t) if matmul::coop_is_direct(&probe, w, &t) => "coop direct".into(),
-            (MatmulPath::Coop, _) => "coop staged".into(),
             (p, _) => format!("{p:?}").to_lowercase(),
         },
         us: t * 1e6,

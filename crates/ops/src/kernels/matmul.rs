@@ -14,8 +14,6 @@ use crate::weight::Weight;
 const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
 const GEMM_COOP: &str = wgsl!("gemm_coop.wgsl");
-const GEMM_COOP_DIRECT: &str = wgsl!("gemm_coop_direct.wgsl");
-const TO_F16: &str = wgsl!("to_f16.wgsl");
 
 /// Largest M the GEMV path takes (its accumulators live in registers: M x ROWS).
 pub const GEMV_MAX_M: usize = 8;
@@ -100,21 +98,6 @@ impl Default for CoopConfig {
 pub struct Tuning {
     pub gemv: Option<GemvConfig>,
     pub coop: Option<CoopConfig>,
-    /// Forbid the coop GEMM that loads fragments from global memory (use the staged one).
-    pub coop_staged_only: bool,
-}
-
-fn coop_direct_kernel(s: u32) -> Kernel {
-    Kernel::new("gemm_coop_direct.wgsl", GEMM_COOP_DIRECT, "gemm_coop_direct")
-        .u32("S", s)
-        .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
-        .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
-        .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
-        .coop()
-}
-
-fn to_f16_kernel() -> Kernel {
-    Kernel::new("to_f16.wgsl", TO_F16, "to_f16")
 }
 
 fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
@@ -138,9 +121,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     }
     v.push(gemv_kernel(8, GemvConfig { wg: 256, tpr: 64, rpt: 8 }, DType::F16));
     v.push(gemv_kernel(3, GemvConfig { wg: 128, tpr: 128, rpt: 2 }, DType::BF16));
-    v.push(to_f16_kernel());
     for &s in coop_sizes {
-        v.push(coop_direct_kernel(s));
         v.push(coop_kernel(s, DType::F16, CoopConfig::default()));
         v.push(coop_kernel(s, DType::BF16, CoopConfig { bk: 32, pad: 8, prefetch: true }));
     }
@@ -154,28 +135,6 @@ fn gemv_ok(m: usize, w: &Weight) -> bool {
 
 fn coop_ok(step: &Step, w: &Weight) -> bool {
     step.ctx.coop.is_some() && step.ctx.subgroup_is(32) && w.dtype.is_half() && w.k % 8 == 0
-}
-
-/// The direct coop GEMM reads whole fragments from global memory, so it needs f16 weights
-/// whose chunk rows fill whole tiles and K a multiple of the fragment size.
-fn direct_ok(step: &Step, w: &Weight, chunk_rows: usize, tuning: &Tuning) -> bool {
-    let s = step.ctx.coop.map(|c| c.m as usize).unwrap_or(16);
-    !tuning.coop_staged_only && w.dtype == DType::F16 && w.k % s == 0 && chunk_rows % (8 * s) == 0
-}
-
-/// Whether a coop matmul of `w` takes the direct (unstaged) kernel for every chunk.
-pub fn coop_is_direct(step: &Step, w: &Weight, tuning: &Tuning) -> bool {
-    w.chunks.iter().all(|c| direct_ok(step, w, c.rows, tuning))
-}
-
-/// `x` as f16, padded with zero rows to a multiple of `tile` (scratch kept by the step).
-fn to_f16_padded(step: &mut Step, x: &Tensor, m: usize, k: usize, tile: usize) -> Result<Tensor> {
-    let rows = m.div_ceil(tile) * tile;
-    let out = step.ctx.empty(&[rows, k], DType::F16)?;
-    let params = [m as u32, k as u32, rows as u32];
-    let groups = grid(step.ctx, (rows * k / 2).div_ceil(256));
-    step.dispatch(&to_f16_kernel(), &[x, &out], &params, groups)?;
-    Ok(out)
 }
 
 /// The path `Auto` takes for this shape on this device.
@@ -227,7 +186,6 @@ pub fn matmul_tuned(
         }
         p => p,
     };
-    let mut x16: Option<Tensor> = None;
     for c in &w.chunks {
         let n = c.rows as u32;
         match path {
@@ -239,17 +197,6 @@ pub fn matmul_tuned(
                 let params = [n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
                 step.dispatch(&gemv_kernel(m, cfg, w.dtype), &[x, &c.tensor, y], &params, groups)?;
-            }
-            MatmulPath::Coop if direct_ok(step, w, c.rows, &tuning) => {
-                let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
-                let tile = (8 * s) as usize;
-                let x16 = match &x16 {
-                    Some(t) => t,
-                    None => x16.insert(to_f16_padded(step, x, m, k, tile)?),
-                };
-                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
-                let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
-                step.dispatch(&coop_direct_kernel(s), &[x16, &c.tensor, y], &params, groups)?;
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
