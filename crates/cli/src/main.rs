@@ -6,7 +6,11 @@ mod env;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vllm-apple", version, about = "LLM inference and serving with our own GPU kernels, made first for Apple Silicon")]
+#[command(
+    name = "vllm-apple",
+    version,
+    about = "LLM inference and serving with our own GPU kernels, made first for Apple Silicon"
+)]
 struct Cli {
     /// GPU backend (metal, vulkan, dx12); defaults to WGPU_BACKEND or the platform's best.
     #[arg(long, global = true, env = "WGPU_BACKEND")]

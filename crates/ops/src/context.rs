@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::dtype::DType;
 use crate::error::{OpsError, Result};
 use crate::pipeline::{Kernel, PipelineCache};
-use crate::dtype::DType;
 use crate::tensor::{BufferPool, Tensor};
 
 /// Features every kernel relies on. Immediates carry per-dispatch parameters so that no
@@ -19,7 +19,8 @@ pub const REQUIRED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
 pub const IMMEDIATE_BYTES: u32 = 128;
 
 #[cfg(target_os = "macos")]
-const INSTALL_HINT: &str = "vllm-apple needs macOS 13 or newer on an Apple7+ GPU (M1 or later) with Metal.";
+const INSTALL_HINT: &str =
+    "vllm-apple needs macOS 13 or newer on an Apple7+ GPU (M1 or later) with Metal.";
 #[cfg(not(target_os = "macos"))]
 const INSTALL_HINT: &str = "Install a Vulkan driver: on Debian/Ubuntu `apt-get install -y libvulkan1 mesa-vulkan-drivers` (lavapipe runs on the CPU), or your GPU vendor's driver; set WGPU_BACKEND=vulkan.";
 
@@ -132,8 +133,8 @@ impl GpuContext {
                 wanted |= optional;
             }
         }
-        let coop_offered =
-            !opts.disable_coop_matrix && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let coop_offered = !opts.disable_coop_matrix
+            && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         let coop_shapes_offered = if coop_offered {
             adapter.cooperative_matrix_properties()
         } else {
@@ -257,7 +258,10 @@ impl GpuContext {
             ),
             (
                 "subgroup size".into(),
-                format!("{}..{}", self.info.subgroup_min_size, self.info.subgroup_max_size),
+                format!(
+                    "{}..{}",
+                    self.info.subgroup_min_size, self.info.subgroup_max_size
+                ),
             ),
             ("features".into(), format!("{:?}", self.features)),
             (

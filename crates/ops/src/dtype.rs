@@ -54,8 +54,14 @@ impl DType {
                 .iter()
                 .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
                 .collect(),
-            DType::U32 => values.iter().flat_map(|v| (*v as u32).to_le_bytes()).collect(),
-            DType::I32 => values.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+            DType::U32 => values
+                .iter()
+                .flat_map(|v| (*v as u32).to_le_bytes())
+                .collect(),
+            DType::I32 => values
+                .iter()
+                .flat_map(|v| (*v as i32).to_le_bytes())
+                .collect(),
         }
     }
 

@@ -4,9 +4,7 @@ use thiserror::Error;
 /// because they end up in front of users (`vllm-apple env`, server start-up).
 #[derive(Debug, Error)]
 pub enum OpsError {
-    #[error(
-        "no usable GPU adapter was found ({detail}). {hint}"
-    )]
+    #[error("no usable GPU adapter was found ({detail}). {hint}")]
     NoAdapter { detail: String, hint: &'static str },
 
     #[error("the GPU adapter '{adapter}' lacks required feature(s) {missing}. {hint}")]

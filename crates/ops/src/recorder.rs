@@ -35,7 +35,9 @@ impl<'c> Step<'c> {
     pub fn new(ctx: &'c GpuContext) -> Self {
         let encoder = ctx
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
         Step {
             ctx,
             encoder: Some(encoder),
@@ -111,8 +113,11 @@ impl<'c> Step<'c> {
         params: &[u32],
         groups: [u32; 3],
     ) -> Result<()> {
-        let numbered: Vec<(u32, &Tensor)> =
-            bindings.iter().enumerate().map(|(i, t)| (i as u32, *t)).collect();
+        let numbered: Vec<(u32, &Tensor)> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i as u32, *t))
+            .collect();
         self.dispatch_at(kernel, &numbered, params, groups)
     }
 
@@ -134,11 +139,14 @@ impl<'c> Step<'c> {
                 resource: t.binding(),
             })
             .collect();
-        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry),
-            layout: &layout,
-            entries: &entries,
-        });
+        let bind_group = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.entry),
+                layout: &layout,
+                entries: &entries,
+            });
         let pass = self.pass()?;
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -160,8 +168,13 @@ impl<'c> Step<'c> {
             ));
         }
         let size = src.nbytes().next_multiple_of(4);
-        self.encoder()?
-            .copy_buffer_to_buffer(src.buffer(), src.offset(), dst.buffer(), dst.offset(), size);
+        self.encoder()?.copy_buffer_to_buffer(
+            src.buffer(),
+            src.offset(),
+            dst.buffer(),
+            dst.offset(),
+            size,
+        );
         self.keep.push(src.clone());
         self.keep.push(dst.clone());
         Ok(())

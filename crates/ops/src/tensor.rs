@@ -100,7 +100,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {}, offset {})", self.shape, self.dtype, self.offset)
+        write!(
+            f,
+            "Tensor({:?}, {}, offset {})",
+            self.shape, self.dtype, self.offset
+        )
     }
 }
 
@@ -159,7 +163,11 @@ impl Tensor {
         if shape.iter().product::<usize>() != self.numel() {
             return Err(shape_err(
                 "reshape",
-                format!("{:?} has {} elements, {shape:?} does not", self.shape, self.numel()),
+                format!(
+                    "{:?} has {} elements, {shape:?} does not",
+                    self.shape,
+                    self.numel()
+                ),
             ));
         }
         Ok(Tensor {
@@ -171,9 +179,15 @@ impl Tensor {
     /// Rows `[start, start + len)` of dimension 0, sharing the buffer. The byte offset must
     /// meet the device's storage-offset alignment (256 on most GPUs).
     pub fn narrow(&self, ctx: &GpuContext, start: usize, len: usize) -> Result<Tensor> {
-        let d0 = *self.shape.first().ok_or_else(|| shape_err("narrow", "scalar tensor"))?;
+        let d0 = *self
+            .shape
+            .first()
+            .ok_or_else(|| shape_err("narrow", "scalar tensor"))?;
         if start + len > d0 {
-            return Err(shape_err("narrow", format!("rows {start}..{} of {d0}", start + len)));
+            return Err(shape_err(
+                "narrow",
+                format!("rows {start}..{} of {d0}", start + len),
+            ));
         }
         let row_bytes = (self.numel() / d0.max(1) * self.dtype.size()) as u64;
         let offset = self.offset + start as u64 * row_bytes;
@@ -181,7 +195,9 @@ impl Tensor {
         if offset % align != 0 {
             return Err(shape_err(
                 "narrow",
-                format!("byte offset {offset} is not a multiple of the device's {align}-byte alignment"),
+                format!(
+                    "byte offset {offset} is not a multiple of the device's {align}-byte alignment"
+                ),
             ));
         }
         let mut shape = self.shape.clone();
@@ -354,11 +370,24 @@ mod tests {
 
     #[test]
     fn size_classes_cover_and_bound_waste() {
-        for b in [1u64, 255, 256, 257, 65536, 65537, 1 << 20, (1 << 20) + 1, 622_329_856] {
+        for b in [
+            1u64,
+            255,
+            256,
+            257,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 20) + 1,
+            622_329_856,
+        ] {
             let c = size_class(b);
             assert!(c >= b, "{b} -> {c}");
             assert!(c % 16 == 0);
-            assert!((c as f64) <= (b.max(256) as f64) * 1.125 + 256.0, "{b} -> {c}");
+            assert!(
+                (c as f64) <= (b.max(256) as f64) * 1.125 + 256.0,
+                "{b} -> {c}"
+            );
         }
     }
 }

@@ -28,7 +28,14 @@ impl Weight {
     }
 
     /// Uploads `[n, k]` raw little-endian data of `dtype`.
-    pub fn upload(ctx: &GpuContext, label: &str, n: usize, k: usize, dtype: DType, bytes: &[u8]) -> Result<Weight> {
+    pub fn upload(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Weight> {
         Self::upload_chunked(ctx, label, n, k, dtype, bytes, ctx.max_binding_bytes())
     }
 
@@ -59,7 +66,8 @@ impl Weight {
         }
         let cap = max_chunk_bytes.min(ctx.max_binding_bytes());
         // Whole rows per chunk, a multiple of 64 so GEMM tiles never straddle chunks.
-        let rows_per_chunk = ((cap / row_bytes.max(1)) as usize / 64 * 64).max(if cap >= row_bytes { 1 } else { 0 });
+        let rows_per_chunk =
+            ((cap / row_bytes.max(1)) as usize / 64 * 64).max(if cap >= row_bytes { 1 } else { 0 });
         if rows_per_chunk == 0 {
             return Err(OpsError::TooLarge {
                 what: format!("one row of {label}"),
@@ -91,7 +99,14 @@ impl Weight {
         })
     }
 
-    pub fn upload_f32(ctx: &GpuContext, label: &str, n: usize, k: usize, dtype: DType, values: &[f32]) -> Result<Weight> {
+    pub fn upload_f32(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        values: &[f32],
+    ) -> Result<Weight> {
         Self::upload(ctx, label, n, k, dtype, &dtype.encode_f32(values))
     }
 }

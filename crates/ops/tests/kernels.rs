@@ -6,9 +6,9 @@
 mod common;
 use common::*;
 
-use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
-use vllm_apple_ops::kernels::matmul::{CoopConfig, GemvConfig, MatmulPath, Tuning};
 use vllm_apple_ops::kernels::copy;
+use vllm_apple_ops::kernels::matmul::{CoopConfig, GemvConfig, MatmulPath, Tuning};
+use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
 use vllm_apple_ops::{DType, Step, Weight};
 
 const F32_ACCUM_TOL: f64 = 2e-5;
@@ -21,11 +21,20 @@ fn embedding_gathers_rows_across_chunks() {
     let mut r = rng(1);
     for (dtype, v, h, m, chunk_bytes) in [
         (DType::F16, 1000usize, 576usize, 17usize, u64::MAX),
-        (DType::BF16, 300, 100, 5, 64 * 100 * 2),  // 5 chunks of 64 rows
+        (DType::BF16, 300, 100, 5, 64 * 100 * 2), // 5 chunks of 64 rows
         (DType::F32, 130, 72, 3, 64 * 72 * 4),
     ] {
         let table = dtype.round_trip(&randn(&mut r, v * h, 1.0));
-        let w = Weight::upload_chunked(ctx, "emb", v, h, dtype, &dtype.encode_f32(&table), chunk_bytes).unwrap();
+        let w = Weight::upload_chunked(
+            ctx,
+            "emb",
+            v,
+            h,
+            dtype,
+            &dtype.encode_f32(&table),
+            chunk_bytes,
+        )
+        .unwrap();
         let ids: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % v) as u32).collect();
         let ids_t = ctx.upload_u32(&[m], &ids).unwrap();
         let out = ctx.empty(&[m, h], DType::F32).unwrap();
@@ -58,14 +67,32 @@ fn rmsnorm_and_fused_residual() {
         rmsnorm::rmsnorm(&mut s, &xt, &wt, eps, &o1).unwrap();
         rmsnorm::add_rmsnorm(&mut s, &xt, &rt, &wt, eps, &o2).unwrap();
         s.submit_and_wait().unwrap();
-        assert_close("rmsnorm", &o1.to_f32_vec(ctx).unwrap(), &rmsnorm::cpu::rmsnorm(&x, &w, eps), 1e-5);
+        assert_close(
+            "rmsnorm",
+            &o1.to_f32_vec(ctx).unwrap(),
+            &rmsnorm::cpu::rmsnorm(&x, &w, eps),
+            1e-5,
+        );
         let sum: Vec<f32> = x.iter().zip(&res).map(|(a, b)| a + b).collect();
         assert_close("residual", &rt.to_f32_vec(ctx).unwrap(), &sum, 1e-6);
-        assert_close("add_rmsnorm", &o2.to_f32_vec(ctx).unwrap(), &rmsnorm::cpu::rmsnorm(&sum, &w, eps), 1e-5);
+        assert_close(
+            "add_rmsnorm",
+            &o2.to_f32_vec(ctx).unwrap(),
+            &rmsnorm::cpu::rmsnorm(&sum, &w, eps),
+            1e-5,
+        );
     }
 }
 
-fn check_matmul(m: usize, n: usize, k: usize, dtype: DType, path: MatmulPath, chunk: u64, seed: u64) {
+fn check_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    path: MatmulPath,
+    chunk: u64,
+    seed: u64,
+) {
     check_matmul_cfg(m, n, k, dtype, path, chunk, seed, Tuning::default())
 }
 
@@ -95,10 +122,16 @@ fn check_matmul_cfg(
         let xh = DType::F16.round_trip(&x);
         (matmul::cpu::matmul(&xh, &w, n, k), COOP_TOL)
     } else {
-        (matmul::cpu::matmul(&x, &w, n, k), F32_ACCUM_TOL * (k as f64).sqrt())
+        (
+            matmul::cpu::matmul(&x, &w, n, k),
+            F32_ACCUM_TOL * (k as f64).sqrt(),
+        )
     };
     assert_close(
-        &format!("matmul {path:?} {cfg:?} {dtype} m={m} n={n} k={k} chunks={}", wt.chunks.len()),
+        &format!(
+            "matmul {path:?} {cfg:?} {dtype} m={m} n={n} k={k} chunks={}",
+            wt.chunks.len()
+        ),
         &y.to_f32_vec(ctx).unwrap(),
         &want,
         tol,
@@ -132,15 +165,53 @@ fn gemv(c: GemvConfig) -> Tuning {
 fn gemv_every_work_split() {
     // Each split changes which invocations share a row and how partial sums meet.
     let splits = [
-        GemvConfig { wg: 256, tpr: 256, rpt: 1 },
-        GemvConfig { wg: 256, tpr: 64, rpt: 8 },
-        GemvConfig { wg: 128, tpr: 128, rpt: 2 },
-        GemvConfig { wg: 256, tpr: 128, rpt: 3 },
-        GemvConfig { wg: 64, tpr: 64, rpt: 5 },
+        GemvConfig {
+            wg: 256,
+            tpr: 256,
+            rpt: 1,
+        },
+        GemvConfig {
+            wg: 256,
+            tpr: 64,
+            rpt: 8,
+        },
+        GemvConfig {
+            wg: 128,
+            tpr: 128,
+            rpt: 2,
+        },
+        GemvConfig {
+            wg: 256,
+            tpr: 128,
+            rpt: 3,
+        },
+        GemvConfig {
+            wg: 64,
+            tpr: 64,
+            rpt: 5,
+        },
     ];
     for (i, cfg) in splits.into_iter().enumerate() {
-        check_matmul_cfg(2, 203, 1000, DType::F16, MatmulPath::Gemv, u64::MAX, 70 + i as u64, gemv(cfg));
-        check_matmul_cfg(1, 67, 96, DType::F32, MatmulPath::Gemv, u64::MAX, 80 + i as u64, gemv(cfg));
+        check_matmul_cfg(
+            2,
+            203,
+            1000,
+            DType::F16,
+            MatmulPath::Gemv,
+            u64::MAX,
+            70 + i as u64,
+            gemv(cfg),
+        );
+        check_matmul_cfg(
+            1,
+            67,
+            96,
+            DType::F32,
+            MatmulPath::Gemv,
+            u64::MAX,
+            80 + i as u64,
+            gemv(cfg),
+        );
     }
 }
 
@@ -193,7 +264,10 @@ fn auto_path_falls_back_for_odd_k() {
 fn coop_gemm_matches_reference_where_offered() {
     let ctx = ctx();
     if ctx.coop.is_none() || !ctx.subgroup_is(32) {
-        eprintln!("cooperative matrices not offered here ({}): coop GEMM not run", ctx.info.name);
+        eprintln!(
+            "cooperative matrices not offered here ({}): coop GEMM not run",
+            ctx.info.name
+        );
         return;
     }
     for (i, (m, n, k, dt)) in [
@@ -207,13 +281,36 @@ fn coop_gemm_matches_reference_where_offered() {
     {
         check_matmul(m, n, k, dt, MatmulPath::Coop, u64::MAX, 50 + i as u64);
     }
-    check_matmul(200, 700, 96, DType::BF16, MatmulPath::Coop, 256 * 96 * 2, 60);
-    for (i, bk, pad, prefetch) in [(0u64, 32u32, 0u32, false), (1, 32, 0, true), (2, 32, 8, false), (3, 64, 16, true), (4, 64, 0, false)] {
+    check_matmul(
+        200,
+        700,
+        96,
+        DType::BF16,
+        MatmulPath::Coop,
+        256 * 96 * 2,
+        60,
+    );
+    for (i, bk, pad, prefetch) in [
+        (0u64, 32u32, 0u32, false),
+        (1, 32, 0, true),
+        (2, 32, 8, false),
+        (3, 64, 16, true),
+        (4, 64, 0, false),
+    ] {
         let t = Tuning {
             gemv: None,
             coop: Some(CoopConfig { bk, pad, prefetch }),
         };
-        check_matmul_cfg(130, 300, 200, DType::F16, MatmulPath::Coop, u64::MAX, 61 + i, t);
+        check_matmul_cfg(
+            130,
+            300,
+            200,
+            DType::F16,
+            MatmulPath::Coop,
+            u64::MAX,
+            61 + i,
+            t,
+        );
     }
 }
 
@@ -233,7 +330,11 @@ fn rope_with_and_without_qk_norm() {
         (2, 2, 2, 256, true, 1e6, None),
         (4, 6, 2, 96, false, 5e5, scaling),
     ] {
-        let s = rope::RopeShape { q_heads: hq, kv_heads: hkv, head_dim: d };
+        let s = rope::RopeShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+        };
         let row = (hq + 2 * hkv) * d;
         let qkv = randn(&mut r, m * row, 3.0);
         let pos: Vec<u32> = (0..m as u32).map(|i| i * 37 + 5).collect();
@@ -252,7 +353,12 @@ fn rope_with_and_without_qk_norm() {
         let mut want = qkv.clone();
         let normc = if norm { Some((&qn[..], &kn[..])) } else { None };
         rope::cpu::rope(&mut want, &pos, &inv, normc, 1e-6, s);
-        assert_close(&format!("rope d={d} norm={norm}"), &qkv_t.to_f32_vec(ctx).unwrap(), &want, 2e-5);
+        assert_close(
+            &format!("rope d={d} norm={norm}"),
+            &qkv_t.to_f32_vec(ctx).unwrap(),
+            &want,
+            2e-5,
+        );
     }
 }
 
@@ -269,7 +375,11 @@ fn llama3_inv_freq_matches_transformers_rule() {
     let scaled = rope::inv_freq(128, 5e5, Some(s));
     assert_eq!(plain[0], scaled[0]);
     assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12);
-    let mid = scaled.iter().zip(&plain).filter(|(a, b)| *a < *b && **a > **b / 8.0).count();
+    let mid = scaled
+        .iter()
+        .zip(&plain)
+        .filter(|(a, b)| *a < *b && **a > **b / 8.0)
+        .count();
     assert!(mid > 0, "some frequencies are blended");
 }
 
@@ -285,7 +395,12 @@ fn silu_mul_softmax_argmax() {
         let mut s = Step::new(ctx);
         activation::silu_mul(&mut s, &gt, &out).unwrap();
         s.submit_and_wait().unwrap();
-        assert_close("silu_mul", &out.to_f32_vec(ctx).unwrap(), &activation::cpu::silu_mul(&gu, i), 1e-6);
+        assert_close(
+            "silu_mul",
+            &out.to_f32_vec(ctx).unwrap(),
+            &activation::cpu::silu_mul(&gu, i),
+            1e-6,
+        );
     }
     for (m, n) in [(1usize, 151_936usize), (3, 1000), (17, 37)] {
         let mut x = randn(&mut r, m * n, 10.0);
@@ -303,7 +418,12 @@ fn silu_mul_softmax_argmax() {
         let got_ids = ids.to_u32_vec(ctx).unwrap();
         assert_eq!(got_ids, argmax::cpu::argmax(&x, n), "argmax m={m} n={n}");
         assert_eq!(got_ids[0], (n / 3) as u32);
-        assert_close("softmax", &xt.to_f32_vec(ctx).unwrap(), &softmax::cpu::softmax(&x, n), 1e-5);
+        assert_close(
+            "softmax",
+            &xt.to_f32_vec(ctx).unwrap(),
+            &softmax::cpu::softmax(&x, n),
+            1e-5,
+        );
     }
 }
 
@@ -335,15 +455,23 @@ fn pool_never_recycles_a_buffer_the_gpu_still_uses() {
     drop(scratch);
     // Dropped by its owner but bound in a recorded step: not back in the pool.
     let other = ctx.empty(&[n], DType::F32).unwrap();
-    assert!(other.buffer() != &raw, "pool handed out a buffer still recorded in a step");
+    assert!(
+        other.buffer() != &raw,
+        "pool handed out a buffer still recorded in a step"
+    );
     s.submit().unwrap();
     let again = ctx.empty(&[n], DType::F32).unwrap();
-    assert!(again.buffer() != &raw, "pool handed out a buffer the GPU may still be writing");
+    assert!(
+        again.buffer() != &raw,
+        "pool handed out a buffer the GPU may still be writing"
+    );
     drop((other, again));
     ctx.wait_idle().unwrap();
     // Once the GPU is done, the buffer is reusable.
     let reused = ctx.empty(&[n], DType::F32).unwrap();
     let reused2 = ctx.empty(&[n], DType::F32).unwrap();
     let reused3 = ctx.empty(&[n], DType::F32).unwrap();
-    assert!([&reused, &reused2, &reused3].iter().any(|t| t.buffer() == &raw));
+    assert!([&reused, &reused2, &reused3]
+        .iter()
+        .any(|t| t.buffer() == &raw));
 }

@@ -36,19 +36,71 @@ pub struct Args {
 }
 
 const SWEEP: &[GemvConfig] = &[
-    GemvConfig { wg: 256, tpr: 256, rpt: 1 },
-    GemvConfig { wg: 256, tpr: 256, rpt: 2 },
-    GemvConfig { wg: 256, tpr: 256, rpt: 4 },
-    GemvConfig { wg: 256, tpr: 128, rpt: 2 },
-    GemvConfig { wg: 256, tpr: 128, rpt: 4 },
-    GemvConfig { wg: 256, tpr: 64, rpt: 2 },
-    GemvConfig { wg: 256, tpr: 64, rpt: 4 },
-    GemvConfig { wg: 128, tpr: 128, rpt: 2 },
-    GemvConfig { wg: 128, tpr: 128, rpt: 4 },
-    GemvConfig { wg: 128, tpr: 64, rpt: 4 },
-    GemvConfig { wg: 128, tpr: 64, rpt: 8 },
-    GemvConfig { wg: 64, tpr: 64, rpt: 4 },
-    GemvConfig { wg: 64, tpr: 64, rpt: 8 },
+    GemvConfig {
+        wg: 256,
+        tpr: 256,
+        rpt: 1,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 256,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 256,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 128,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 128,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 64,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 64,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 128,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 128,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 64,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 64,
+        rpt: 8,
+    },
+    GemvConfig {
+        wg: 64,
+        tpr: 64,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 64,
+        tpr: 64,
+        rpt: 8,
+    },
 ];
 
 /// (name, N, K) of y = x W^T for Qwen3-30B-A3B (hidden 2048, 32 q / 4 kv heads of 128,
@@ -107,7 +159,11 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let copy_bw = copy_kernel_bandwidth(&ctx, copy_bytes, args.reps)?;
     println!(
         "device: {} ({:?}), subgroup {}..{}, coop {:?}",
-        ctx.info.name, ctx.info.backend, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size, ctx.coop
+        ctx.info.name,
+        ctx.info.backend,
+        ctx.info.subgroup_min_size,
+        ctx.info.subgroup_max_size,
+        ctx.coop
     );
     println!(
         "copy bandwidth (read + write, {} MiB): copy kernel {:.1} GB/s (the roofline below), copy command {:.1} GB/s",
@@ -115,7 +171,14 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         copy_bw / 1e9,
         copy_cmd_bw / 1e9
     );
-    println!("timing: {}", if ctx.has_timestamps() { "GPU timestamps, median" } else { "CPU wall clock / reps" });
+    println!(
+        "timing: {}",
+        if ctx.has_timestamps() {
+            "GPU timestamps, median"
+        } else {
+            "CPU wall clock / reps"
+        }
+    );
 
     let mut rows = Vec::new();
     // Enough copies of each weight that one timed round streams at least 4x the largest L2
@@ -123,7 +186,11 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let mut weights = Vec::new();
     for (i, &(name, n, k)) in SHAPES.iter().enumerate() {
         let bytes = random_half_bytes(n * k, dtype, 7 + i as u64);
-        let copies = if cpu { 1 } else { (256usize << 20).div_ceil(bytes.len()).min(args.reps) };
+        let copies = if cpu {
+            1
+        } else {
+            (256usize << 20).div_ceil(bytes.len()).min(args.reps)
+        };
         let set = (0..copies)
             .map(|_| Weight::upload(&ctx, name, n, k, dtype, &bytes))
             .collect::<vllm_apple_ops::Result<Vec<_>>>()?;
@@ -132,7 +199,16 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     for (name, w) in &weights {
         let w = &w[..];
         for &m in &args.decode_m {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, Tuning::default(), args.reps)?;
+            bench_matmul(
+                &ctx,
+                &mut rows,
+                name,
+                w,
+                m,
+                MatmulPath::Auto,
+                Tuning::default(),
+                args.reps,
+            )?;
         }
     }
     if args.gemv_sweep {
@@ -140,7 +216,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             let w = &w[..];
             for &m in &args.decode_m {
                 for cfg in SWEEP.iter().filter(|c| m as u32 * c.rpt <= 64) {
-                    let t = Tuning { gemv: Some(*cfg), coop: None };
+                    let t = Tuning {
+                        gemv: Some(*cfg),
+                        coop: None,
+                    };
                     bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, t, args.reps)?;
                 }
             }
@@ -151,13 +230,40 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     for (name, w) in weights.iter().filter(|(_, w)| w[0].n != 151_936) {
         let w = &w[..1];
         let m = args.prefill_m;
-        bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Auto, Tuning::default(), args.reps)?;
+        bench_matmul(
+            &ctx,
+            &mut rows,
+            name,
+            w,
+            m,
+            MatmulPath::Auto,
+            Tuning::default(),
+            args.reps,
+        )?;
         if args.all_paths && ctx.coop.is_some() {
-            bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Tiled, Tuning::default(), args.reps)?;
+            bench_matmul(
+                &ctx,
+                &mut rows,
+                name,
+                w,
+                m,
+                MatmulPath::Tiled,
+                Tuning::default(),
+                args.reps,
+            )?;
         }
         if args.coop_sweep && ctx.coop.is_some() {
-            for (bk, pad, prefetch) in [(32, 0, false), (32, 0, true), (64, 0, false), (64, 0, true), (64, 8, false)] {
-                let t = Tuning { gemv: None, coop: Some(CoopConfig { bk, pad, prefetch }) };
+            for (bk, pad, prefetch) in [
+                (32, 0, false),
+                (32, 0, true),
+                (64, 0, false),
+                (64, 0, true),
+                (64, 8, false),
+            ] {
+                let t = Tuning {
+                    gemv: None,
+                    coop: Some(CoopConfig { bk, pad, prefetch }),
+                };
                 bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
             }
         }
@@ -165,7 +271,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     bench_small(&ctx, &mut rows, args.prefill_m, args.reps)?;
 
     println!();
-    println!("{:<30} {:>22} {:>14} {:>10} {:>9} {:>7} {:>9}", "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s");
+    println!(
+        "{:<30} {:>22} {:>14} {:>10} {:>9} {:>7} {:>9}",
+        "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s"
+    );
     for r in &rows {
         println!(
             "{:<30} {:>22} {:>14} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
@@ -220,9 +329,16 @@ fn bench_matmul(
         name: name.to_string(),
         shape: format!("{m}x{}x{}", w.n, w.k),
         path: match (resolved, cfg) {
-            (MatmulPath::Gemv, Tuning { gemv: Some(c), .. }) => format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt),
+            (MatmulPath::Gemv, Tuning { gemv: Some(c), .. }) => {
+                format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt)
+            }
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
-                format!("coop k{}p{}{}", c.bk, c.pad, if c.prefetch { "+pf" } else { "" })
+                format!(
+                    "coop k{}p{}{}",
+                    c.bk,
+                    c.pad,
+                    if c.prefetch { "+pf" } else { "" }
+                )
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },
@@ -240,30 +356,62 @@ fn bench_small(ctx: &GpuContext, rows: &mut Vec<Row>, prefill_m: usize, reps: us
         let res = ctx.upload_f32(&[m, h], DType::F32, &vec![0.25; m * h])?;
         let w = ctx.upload_f32(&[h], DType::F32, &vec![1.0; h])?;
         let out = ctx.empty(&[m, h], DType::F32)?;
-        let t = time_reps(ctx, reps, |s, _| rmsnorm::add_rmsnorm(s, &x, &res, &w, 1e-6, &out))?;
-        rows.push(small_row("add_rmsnorm", format!("{m}x{h}"), t, (m * h * 16) as f64));
+        let t = time_reps(ctx, reps, |s, _| {
+            rmsnorm::add_rmsnorm(s, &x, &res, &w, 1e-6, &out)
+        })?;
+        rows.push(small_row(
+            "add_rmsnorm",
+            format!("{m}x{h}"),
+            t,
+            (m * h * 16) as f64,
+        ));
 
         let i = 768;
         let gu = ctx.upload_f32(&[m, 2 * i], DType::F32, &vec![0.5; m * 2 * i])?;
         let o = ctx.empty(&[m, i], DType::F32)?;
         let t = time_reps(ctx, reps, |s, _| activation::silu_mul(s, &gu, &o))?;
-        rows.push(small_row("silu_mul", format!("{m}x{i}"), t, (m * i * 12) as f64));
+        rows.push(small_row(
+            "silu_mul",
+            format!("{m}x{i}"),
+            t,
+            (m * i * 12) as f64,
+        ));
 
         let (hq, hkv, d) = (32, 4, 128);
-        let qkv = ctx.upload_f32(&[m, (hq + 2 * hkv) * d], DType::F32, &vec![0.5; m * (hq + 2 * hkv) * d])?;
+        let qkv = ctx.upload_f32(
+            &[m, (hq + 2 * hkv) * d],
+            DType::F32,
+            &vec![0.5; m * (hq + 2 * hkv) * d],
+        )?;
         let pos = ctx.upload_u32(&[m], &(0..m as u32).collect::<Vec<_>>())?;
         let inv = ctx.upload_f32(&[d / 2], DType::F32, &rope::inv_freq(d, 1e6, None))?;
         let qn = ctx.upload_f32(&[d], DType::F32, &vec![1.0; d])?;
-        let shape = rope::RopeShape { q_heads: hq, kv_heads: hkv, head_dim: d };
-        let t = time_reps(ctx, reps, |s, _| rope::rope(s, &qkv, &pos, &inv, Some((&qn, &qn)), 1e-6, shape))?;
-        rows.push(small_row("rope+qk_norm", format!("{m}x{}x{d}", hq + hkv), t, (m * (hq + hkv) * d * 8) as f64));
+        let shape = rope::RopeShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+        };
+        let t = time_reps(ctx, reps, |s, _| {
+            rope::rope(s, &qkv, &pos, &inv, Some((&qn, &qn)), 1e-6, shape)
+        })?;
+        rows.push(small_row(
+            "rope+qk_norm",
+            format!("{m}x{}x{d}", hq + hkv),
+            t,
+            (m * (hq + hkv) * d * 8) as f64,
+        ));
     }
     for m in [1usize, 8] {
         let v = 151_936;
         let logits = ctx.upload_f32(&[m, v], DType::F32, &vec![0.5; m * v])?;
         let ids = ctx.empty(&[m], DType::U32)?;
         let t = time_reps(ctx, reps, |s, _| argmax::argmax(s, &logits, &ids))?;
-        rows.push(small_row("argmax", format!("{m}x{v}"), t, (m * v * 4) as f64));
+        rows.push(small_row(
+            "argmax",
+            format!("{m}x{v}"),
+            t,
+            (m * v * 4) as f64,
+        ));
     }
     Ok(())
 }

@@ -25,7 +25,12 @@ pub fn silu_mul(step: &mut Step, gate_up: &Tensor, out: &Tensor) -> Result<()> {
     let m = gate_up.rows();
     expect_len("silu_mul", "out", out, m * i)?;
     let groups = (m * i).div_ceil(256);
-    step.dispatch(&kernel(), &[gate_up, out], &[m as u32, i as u32], grid(step.ctx, groups))
+    step.dispatch(
+        &kernel(),
+        &[gate_up, out],
+        &[m as u32, i as u32],
+        grid(step.ctx, groups),
+    )
 }
 
 pub mod cpu {

@@ -34,8 +34,18 @@ pub fn argmax(step: &mut Step, logits: &Tensor, ids: &Tensor) -> Result<()> {
     let blocks = n.div_ceil(BLOCK as usize).max(1);
     let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
     let params = [m as u32, n as u32, blocks as u32];
-    step.dispatch(&blocks_kernel(), &[logits, &partial], &params, grid(step.ctx, m * blocks))?;
-    step.dispatch_at(&rows_kernel(), &[(1, &partial), (2, ids)], &params, grid(step.ctx, m))
+    step.dispatch(
+        &blocks_kernel(),
+        &[logits, &partial],
+        &params,
+        grid(step.ctx, m * blocks),
+    )?;
+    step.dispatch_at(
+        &rows_kernel(),
+        &[(1, &partial), (2, ids)],
+        &params,
+        grid(step.ctx, m),
+    )
 }
 
 pub mod cpu {

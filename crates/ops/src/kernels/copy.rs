@@ -20,7 +20,13 @@ pub(crate) fn variants() -> Vec<Kernel> {
 pub fn copy(step: &mut Step, src: &Tensor, dst: &Tensor) -> Result<()> {
     let bytes = src.nbytes();
     if bytes != dst.nbytes() || bytes % 16 != 0 {
-        return Err(shape_err("copy", format!("{bytes} bytes into {} (need equal, multiple of 16)", dst.nbytes())));
+        return Err(shape_err(
+            "copy",
+            format!(
+                "{bytes} bytes into {} (need equal, multiple of 16)",
+                dst.nbytes()
+            ),
+        ));
     }
     let words = bytes / 16;
     if words > u32::MAX as u64 {

@@ -39,7 +39,11 @@ pub fn embedding(step: &mut Step, ids: &Tensor, table: &Weight, out: &Tensor) ->
 pub mod cpu {
     pub fn embedding(ids: &[u32], table: &[f32], h: usize) -> Vec<f32> {
         ids.iter()
-            .flat_map(|&id| table[id as usize * h..(id as usize + 1) * h].iter().copied())
+            .flat_map(|&id| {
+                table[id as usize * h..(id as usize + 1) * h]
+                    .iter()
+                    .copied()
+            })
             .collect()
     }
 }

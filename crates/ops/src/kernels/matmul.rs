@@ -55,9 +55,17 @@ impl GemvConfig {
     /// larger M favours 64 invocations on 4 rows.
     pub fn for_batch(m: usize) -> GemvConfig {
         if m <= 2 {
-            GemvConfig { wg: 128, tpr: 128, rpt: 2 }
+            GemvConfig {
+                wg: 128,
+                tpr: 128,
+                rpt: 2,
+            }
         } else {
-            GemvConfig { wg: 128, tpr: 64, rpt: 4 }
+            GemvConfig {
+                wg: 128,
+                tpr: 64,
+                rpt: 4,
+            }
         }
     }
 }
@@ -89,7 +97,11 @@ impl Default for CoopConfig {
     /// The fastest variant on the H100 sweep (docs/performance.md): padding and register
     /// prefetch both lost there.
     fn default() -> Self {
-        CoopConfig { bk: 32, pad: 0, prefetch: false }
+        CoopConfig {
+            bk: 32,
+            pad: 0,
+            prefetch: false,
+        }
     }
 }
 
@@ -119,11 +131,35 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         v.push(gemv_kernel(1, GemvConfig::for_batch(1), dt));
         v.push(gemm_kernel(dt));
     }
-    v.push(gemv_kernel(8, GemvConfig { wg: 256, tpr: 64, rpt: 8 }, DType::F16));
-    v.push(gemv_kernel(3, GemvConfig { wg: 128, tpr: 128, rpt: 2 }, DType::BF16));
+    v.push(gemv_kernel(
+        8,
+        GemvConfig {
+            wg: 256,
+            tpr: 64,
+            rpt: 8,
+        },
+        DType::F16,
+    ));
+    v.push(gemv_kernel(
+        3,
+        GemvConfig {
+            wg: 128,
+            tpr: 128,
+            rpt: 2,
+        },
+        DType::BF16,
+    ));
     for &s in coop_sizes {
         v.push(coop_kernel(s, DType::F16, CoopConfig::default()));
-        v.push(coop_kernel(s, DType::BF16, CoopConfig { bk: 32, pad: 8, prefetch: true }));
+        v.push(coop_kernel(
+            s,
+            DType::BF16,
+            CoopConfig {
+                bk: 32,
+                pad: 8,
+                prefetch: true,
+            },
+        ));
     }
     v
 }
@@ -154,7 +190,13 @@ pub fn matmul(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor) -> Result<()>
 }
 
 /// `matmul` by a chosen path (tests and benchmarks); an impossible choice is an error.
-pub fn matmul_with(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, path: MatmulPath) -> Result<()> {
+pub fn matmul_with(
+    step: &mut Step,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    path: MatmulPath,
+) -> Result<()> {
     matmul_tuned(step, x, w, y, path, Tuning::default())
 }
 
@@ -179,10 +221,16 @@ pub fn matmul_tuned(
     let path = match path {
         MatmulPath::Auto => auto_path(step, m, w),
         MatmulPath::Gemv if !gemv_ok(m, w) => {
-            return Err(shape_err("matmul", format!("GEMV needs M <= {GEMV_MAX_M} and K % 8 == 0; got M={m} K={k}")))
+            return Err(shape_err(
+                "matmul",
+                format!("GEMV needs M <= {GEMV_MAX_M} and K % 8 == 0; got M={m} K={k}"),
+            ))
         }
         MatmulPath::Coop if !coop_ok(step, w) => {
-            return Err(shape_err("matmul", "cooperative-matrix GEMM unavailable for this device or shape"))
+            return Err(shape_err(
+                "matmul",
+                "cooperative-matrix GEMM unavailable for this device or shape",
+            ))
         }
         p => p,
     };
@@ -192,11 +240,19 @@ pub fn matmul_tuned(
             MatmulPath::Gemv => {
                 let cfg = tuning.gemv.unwrap_or_else(|| GemvConfig::for_batch(m));
                 if !cfg.valid(m) {
-                    return Err(shape_err("matmul", format!("invalid GEMV split {cfg:?} for M={m}")));
+                    return Err(shape_err(
+                        "matmul",
+                        format!("invalid GEMV split {cfg:?} for M={m}"),
+                    ));
                 }
                 let params = [n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
-                step.dispatch(&gemv_kernel(m, cfg, w.dtype), &[x, &c.tensor, y], &params, groups)?;
+                step.dispatch(
+                    &gemv_kernel(m, cfg, w.dtype),
+                    &[x, &c.tensor, y],
+                    &params,
+                    groups,
+                )?;
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
@@ -204,7 +260,12 @@ pub fn matmul_tuned(
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
                 let cfg = tuning.coop.unwrap_or_default();
-                step.dispatch(&coop_kernel(s, w.dtype, cfg), &[x, &c.tensor, y], &params, groups)?;
+                step.dispatch(
+                    &coop_kernel(s, w.dtype, cfg),
+                    &[x, &c.tensor, y],
+                    &params,
+                    groups,
+                )?;
             }
             _ => {
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
@@ -226,7 +287,11 @@ pub mod cpu {
             let xr = &x[i * k..(i + 1) * k];
             for j in 0..n {
                 let wr = &w[j * k..(j + 1) * k];
-                y[i * n + j] = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+                y[i * n + j] = xr
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y

@@ -42,7 +42,11 @@ pub(crate) fn expect_len(op: &'static str, what: &str, t: &Tensor, len: usize) -
     if t.numel() != len {
         return Err(crate::error::shape_err(
             op,
-            format!("{what} has shape {:?} ({} elements), expected {len}", t.shape(), t.numel()),
+            format!(
+                "{what} has shape {:?} ({} elements), expected {len}",
+                t.shape(),
+                t.numel()
+            ),
         ));
     }
     Ok(())

@@ -33,7 +33,12 @@ pub fn rmsnorm(step: &mut Step, x: &Tensor, w: &Tensor, eps: f32, out: &Tensor) 
     let (m, h) = check(x, w, out)?;
     let dummy = step.ctx.dummy()?;
     let params = [m as u32, h as u32, eps.to_bits()];
-    step.dispatch(&kernel(false), &[x, dummy, w, out], &params, grid(step.ctx, m))
+    step.dispatch(
+        &kernel(false),
+        &[x, dummy, w, out],
+        &params,
+        grid(step.ctx, m),
+    )
 }
 
 /// `residual += x; out = rmsnorm(residual) * w` in one dispatch.
@@ -49,7 +54,12 @@ pub fn add_rmsnorm(
     expect_dtype("add_rmsnorm", residual, DType::F32)?;
     expect_len("add_rmsnorm", "residual", residual, m * h)?;
     let params = [m as u32, h as u32, eps.to_bits()];
-    step.dispatch(&kernel(true), &[x, residual, w, out], &params, grid(step.ctx, m))
+    step.dispatch(
+        &kernel(true),
+        &[x, residual, w, out],
+        &params,
+        grid(step.ctx, m),
+    )
 }
 
 pub mod cpu {

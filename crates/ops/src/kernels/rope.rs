@@ -46,7 +46,8 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<Llama3Scaling>) -> 
                     } else if wavelen > low_wavelen {
                         f / s.factor
                     } else {
-                        let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        let smooth = (s.original_max_position_embeddings / wavelen
+                            - s.low_freq_factor)
                             / (s.high_freq_factor - s.low_freq_factor);
                         (1.0 - smooth) * f / s.factor + smooth * f
                     }
@@ -79,7 +80,10 @@ pub fn rope(
 ) -> Result<()> {
     let d = s.head_dim;
     if d % 2 != 0 || d > 512 || d < 8 {
-        return Err(shape_err("rope", format!("head_dim {d} must be even and in 8..=512")));
+        return Err(shape_err(
+            "rope",
+            format!("head_dim {d} must be even and in 8..=512"),
+        ));
     }
     expect_dtype("rope", qkv, DType::F32)?;
     expect_dtype("rope", positions, DType::U32)?;

@@ -13,7 +13,11 @@ pub fn ctx() -> &'static GpuContext {
         Ok(c) => {
             eprintln!(
                 "test GPU: {} ({:?}), subgroups {}..{}, coop {:?}",
-                c.info.name, c.info.backend, c.info.subgroup_min_size, c.info.subgroup_max_size, c.coop
+                c.info.name,
+                c.info.backend,
+                c.info.subgroup_min_size,
+                c.info.subgroup_max_size,
+                c.coop
             );
             c
         }
@@ -39,7 +43,10 @@ pub fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 /// max |got - want| / max |want|: the error relative to the output's scale.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
-    let scale = want.iter().fold(0f64, |a, b| a.max(b.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |a, b| a.max(b.abs() as f64))
+        .max(1e-30);
     worst_element(got, want).1 / scale
 }
 
@@ -48,7 +55,10 @@ fn worst_element(got: &[f32], want: &[f32]) -> (usize, f64) {
     let mut worst = (0, 0f64);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let e = (*g as f64 - *w as f64).abs();
-        assert!(g.is_finite(), "element {i} is {g} (want {w}): unwritten or overflowed");
+        assert!(
+            g.is_finite(),
+            "element {i} is {g} (want {w}): unwritten or overflowed"
+        );
         if e > worst.1 {
             worst = (i, e);
         }
