@@ -203,7 +203,9 @@ impl GpuContext {
 
     /// The largest storage binding a kernel can see, also capped by the largest buffer.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// A small buffer bound where a kernel variant ignores a binding (e.g. no q/k norm).
@@ -289,7 +291,7 @@ impl GpuContext {
         lim.insert("max_buffer_size", l.max_buffer_size);
         lim.insert(
             "max_storage_buffer_binding_size",
-            l.max_storage_buffer_binding_size as u64,
+            l.max_storage_buffer_binding_size,
         );
         lim.insert(
             "max_compute_workgroup_storage_size",

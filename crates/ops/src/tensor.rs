@@ -192,7 +192,7 @@ impl Tensor {
         let row_bytes = (self.numel() / d0.max(1) * self.dtype.size()) as u64;
         let offset = self.offset + start as u64 * row_bytes;
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
-        if offset % align != 0 {
+        if !offset.is_multiple_of(align) {
             return Err(shape_err(
                 "narrow",
                 format!(
@@ -224,7 +224,7 @@ impl Tensor {
                 format!("{} bytes into a tensor of {}", bytes.len(), self.nbytes()),
             ));
         }
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             ctx.queue.write_buffer(self.buf.raw(), self.offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -383,7 +383,7 @@ mod tests {
         ] {
             let c = size_class(b);
             assert!(c >= b, "{b} -> {c}");
-            assert!(c % 16 == 0);
+            assert!(c.is_multiple_of(16));
             assert!(
                 (c as f64) <= (b.max(256) as f64) * 1.125 + 256.0,
                 "{b} -> {c}"

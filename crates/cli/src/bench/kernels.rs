@@ -148,7 +148,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         "bf16" | "bfloat16" => DType::BF16,
         d => bail!("--dtype {d}: expected f16 or bf16"),
     };
-    if args.reps == 0 || args.prefill_m == 0 || args.decode_m.iter().any(|&m| m == 0) {
+    if args.reps == 0 || args.prefill_m == 0 || args.decode_m.contains(&0) {
         bail!("--reps, --prefill-m and --decode-m must be positive");
     }
     let ctx = GpuContext::new(opts)?;

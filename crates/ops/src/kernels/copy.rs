@@ -19,7 +19,7 @@ pub(crate) fn variants() -> Vec<Kernel> {
 /// `dst = src` for tensors of equal byte size, a multiple of 16.
 pub fn copy(step: &mut Step, src: &Tensor, dst: &Tensor) -> Result<()> {
     let bytes = src.nbytes();
-    if bytes != dst.nbytes() || bytes % 16 != 0 {
+    if bytes != dst.nbytes() || !bytes.is_multiple_of(16) {
         return Err(shape_err(
             "copy",
             format!(

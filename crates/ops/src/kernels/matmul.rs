@@ -44,7 +44,7 @@ impl GemvConfig {
 
     fn valid(self, m: usize) -> bool {
         self.tpr >= 64
-            && self.wg % self.tpr == 0
+            && self.wg.is_multiple_of(self.tpr)
             && self.wg <= 256
             && self.rpt >= 1
             && m as u32 * self.rpt <= 64
@@ -166,11 +166,14 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
 
 fn gemv_ok(m: usize, w: &Weight) -> bool {
     let vec = if w.dtype == DType::F32 { 4 } else { 8 };
-    m <= GEMV_MAX_M && w.k % vec == 0
+    m <= GEMV_MAX_M && w.k.is_multiple_of(vec)
 }
 
 fn coop_ok(step: &Step, w: &Weight) -> bool {
-    step.ctx.coop.is_some() && step.ctx.subgroup_is(32) && w.dtype.is_half() && w.k % 8 == 0
+    step.ctx.coop.is_some()
+        && step.ctx.subgroup_is(32)
+        && w.dtype.is_half()
+        && w.k.is_multiple_of(8)
 }
 
 /// The path `Auto` takes for this shape on this device.

@@ -79,7 +79,7 @@ pub fn rope(
     s: RopeShape,
 ) -> Result<()> {
     let d = s.head_dim;
-    if d % 2 != 0 || d > 512 || d < 8 {
+    if !d.is_multiple_of(2) || !(8..=512).contains(&d) {
         return Err(shape_err(
             "rope",
             format!("head_dim {d} must be even and in 8..=512"),
