@@ -50,6 +50,9 @@ pub struct GpuContext {
     pub coop_shapes_offered: Vec<wgpu::CooperativeMatrixProperties>,
     /// The shape our coop GEMM will use, if any.
     pub coop: Option<CoopShape>,
+    /// Memory the GPU can use, where the platform tells us: the largest device-local
+    /// Vulkan heap, or the machine's RAM on Apple's unified memory.
+    pub memory_bytes: Option<u64>,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
     dummy: OnceLock<Tensor>,
@@ -144,6 +147,7 @@ impl GpuContext {
         if coop.is_some() {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
+        let memory_bytes = device_memory(&adapter);
         let limits = adapter.limits();
         if limits.max_immediate_size < IMMEDIATE_BYTES {
             return Err(OpsError::MissingFeatures {
@@ -194,6 +198,7 @@ impl GpuContext {
             limits,
             coop_shapes_offered,
             coop,
+            memory_bytes,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
             dummy: OnceLock::new(),
@@ -267,6 +272,13 @@ impl GpuContext {
             ),
             ("features".into(), format!("{:?}", self.features)),
             (
+                "memory".into(),
+                match self.memory_bytes {
+                    Some(b) => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+                    None => "unknown (set --gpu-memory-bytes)".into(),
+                },
+            ),
+            (
                 "cooperative matrix".into(),
                 match self.coop {
                     Some(c) => format!(
@@ -316,5 +328,44 @@ impl GpuContext {
             rows.push((format!("limit {k}"), lim[k].to_string()));
         }
         rows
+    }
+}
+
+/// The memory the adapter can use: the largest device-local heap on Vulkan, physical RAM on
+/// macOS (Apple GPUs share it). `None` where neither applies.
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    #[cfg(target_os = "macos")]
+    {
+        let _ = adapter;
+        let mut bytes: u64 = 0;
+        let mut len = std::mem::size_of::<u64>();
+        // SAFETY: sysctlbyname writes at most `len` bytes into `bytes`; the name is NUL-terminated.
+        let rc = unsafe {
+            libc::sysctlbyname(
+                c"hw.memsize".as_ptr(),
+                (&mut bytes as *mut u64).cast(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        (rc == 0 && bytes > 0).then_some(bytes)
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        // SAFETY: the hal adapter is only read, while `adapter` is alive and before any device
+        // is created from it.
+        unsafe {
+            let hal = adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+            let instance = hal.shared_instance().raw_instance();
+            let props = instance.get_physical_device_memory_properties(hal.raw_physical_device());
+            const DEVICE_LOCAL: u32 = 0x1; // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+            props
+                .memory_heaps_as_slice()
+                .iter()
+                .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+                .map(|h| h.size)
+                .max()
+        }
     }
 }

@@ -38,6 +38,12 @@ pub enum OpsError {
     #[error("kernel '{kernel}' failed to compile: {message}")]
     Shader { kernel: String, message: String },
 
+    #[error("{0}")]
+    KvCache(String),
+
+    #[error("invalid setting: {0}")]
+    Config(String),
+
     #[error("GPU error: {0}")]
     Gpu(String),
 }

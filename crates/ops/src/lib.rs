@@ -6,6 +6,7 @@ pub mod context;
 pub mod dtype;
 pub mod error;
 pub mod kernels;
+pub mod kv_cache;
 pub mod pipeline;
 pub mod recorder;
 pub mod tensor;

@@ -185,6 +185,23 @@ impl<'c> Step<'c> {
         self.encoder()
     }
 
+    /// Submits what is recorded so far and waits for it, then goes on recording into a new
+    /// command buffer (the `VLLM_METAL_FUSED_KV=0` path: KV written and complete before
+    /// attention reads it).
+    pub fn sync(&mut self) -> Result<()> {
+        self.pass = None;
+        let enc = self
+            .encoder
+            .replace(self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            }))
+            .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
+        self.ctx.queue.submit([enc.finish()]);
+        let keep = std::mem::take(&mut self.keep);
+        self.ctx.queue.on_submitted_work_done(move || drop(keep));
+        self.ctx.wait_idle()
+    }
+
     /// Submits the step; returns without waiting.
     pub fn submit(mut self) -> Result<wgpu::SubmissionIndex> {
         self.pass = None;

@@ -2,6 +2,7 @@
 //! records the dispatch, and `cpu`, the plain-Rust reference the tests compare against.
 
 pub mod activation;
+pub mod attention;
 pub mod argmax;
 pub mod copy;
 pub mod embedding;
@@ -64,5 +65,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(softmax::variants());
     v.extend(argmax::variants());
     v.extend(copy::variants());
+    v.extend(attention::variants());
     v
 }

@@ -1,0 +1,456 @@
+//! Paged attention: the batched KV write, the paged attention kernel for any mix of prefill
+//! and decode tokens (single pass, or split-K with a reduce pass for long contexts), and
+//! the plain reference path selected by `VLLM_METAL_ATTENTION=0`.
+
+use super::{expect_dtype, expect_len, softmax, wgsl};
+use crate::dtype::DType;
+use crate::error::{shape_err, OpsError, Result};
+use crate::kv_cache::LayerKv;
+use crate::pipeline::Kernel;
+use crate::recorder::{grid, Step};
+use crate::tensor::Tensor;
+
+const KV_WRITE: &str = wgsl!("kv_write.wgsl");
+const PAGED: &str = wgsl!("paged_attention.wgsl");
+const REDUCE: &str = wgsl!("attention_reduce.wgsl");
+const REFERENCE: &str = wgsl!("attention_ref.wgsl");
+
+/// Positions per split when a batch is too small to fill the GPU (flash-decoding).
+pub const DEFAULT_PARTITION: usize = 512;
+/// Below this many (token, kv head) workgroups, long contexts are split.
+const SPLIT_BELOW_GROUPS: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    fn check(&self) -> Result<()> {
+        let g = self.group();
+        if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 || !(1..=16).contains(&g) {
+            return Err(shape_err(
+                "attention",
+                format!("{} query heads per {} kv heads: need 1..=16 per kv head", self.q_heads, self.kv_heads),
+            ));
+        }
+        if !matches!(self.head_dim, 64 | 96 | 128 | 256) {
+            return Err(shape_err("attention", format!("head_dim {} (supported: 64, 96, 128, 256)", self.head_dim)));
+        }
+        Ok(())
+    }
+}
+
+/// vLLM's switches: `VLLM_METAL_ATTENTION` (1: our paged kernels, 0: the plain reference
+/// path) and `VLLM_METAL_FUSED_KV` (1: KV write and attention in one submission, 0: the KV
+/// write submitted and completed first). `partition` overrides the split-K choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionOptions {
+    pub paged: bool,
+    pub fused_kv: bool,
+    pub partition: Option<usize>,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            paged: true,
+            fused_kv: true,
+            partition: None,
+        }
+    }
+}
+
+/// A boolean switch as vLLM reads them: unset takes the default; 1/true/yes/on or
+/// 0/false/no/off; anything else is an error naming the variable.
+pub fn parse_flag(name: &str, value: Option<&str>, default: bool) -> Result<bool> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(OpsError::Config(format!("{name}={v:?}: expected 0 or 1"))),
+        },
+    }
+}
+
+fn env_flag(name: &str, default: bool) -> Result<bool> {
+    parse_flag(name, std::env::var(name).ok().as_deref(), default)
+}
+
+impl AttentionOptions {
+    pub fn from_env() -> Result<Self> {
+        Ok(AttentionOptions {
+            paged: env_flag("VLLM_METAL_ATTENTION", true)?,
+            fused_kv: env_flag("VLLM_METAL_FUSED_KV", true)?,
+            partition: None,
+        })
+    }
+}
+
+/// One sequence of a batch: its block table, the tokens already in the cache, and the new
+/// tokens of this step (a prefill chunk, or 1 for decode).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqSlice<'a> {
+    pub block_table: &'a [u32],
+    pub num_cached: usize,
+    pub num_new: usize,
+}
+
+/// What the attention kernels need about a batch (vLLM's attention metadata), on the GPU.
+/// Token order: each sequence's new tokens in turn, then padding tokens.
+pub struct AttnMetadata {
+    pub num_tokens: usize,
+    pub num_seqs: usize,
+    pub block_size: usize,
+    pub max_blocks: usize,
+    /// Longest context (cached + new) of any sequence.
+    pub max_ctx: usize,
+    /// `[tokens]` u32: the position of each token (for RoPE).
+    pub positions: Tensor,
+    /// `[tokens]` i32: cache slot (block * block_size + offset) of each new token; -1 = padding.
+    pub slot_mapping: Tensor,
+    /// `[seqs, max_blocks]` u32.
+    pub block_tables: Tensor,
+    /// `[tokens]` u32: the block-table row of each token's sequence.
+    pub seq_of: Tensor,
+    /// `[tokens]` u32: cache positions each token attends to (its position + 1; 0 = padding).
+    pub ctx_of: Tensor,
+    /// `[seqs]` u32: cached + new tokens of each sequence.
+    pub seq_lens: Tensor,
+}
+
+/// CPU side of `AttnMetadata`, for building and for references.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostMetadata {
+    pub positions: Vec<u32>,
+    pub slot_mapping: Vec<i32>,
+    pub block_tables: Vec<u32>,
+    pub seq_of: Vec<u32>,
+    pub ctx_of: Vec<u32>,
+    pub seq_lens: Vec<u32>,
+    pub max_blocks: usize,
+}
+
+impl HostMetadata {
+    /// Lays out a batch; `pad_to` appends padding tokens (slot -1, no context) up to that count.
+    pub fn build(seqs: &[SeqSlice], block_size: usize, pad_to: usize) -> Result<HostMetadata> {
+        if block_size == 0 {
+            return Err(OpsError::Config("block_size must be positive".into()));
+        }
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut m = HostMetadata {
+            max_blocks,
+            ..Default::default()
+        };
+        for (b, s) in seqs.iter().enumerate() {
+            let total = s.num_cached + s.num_new;
+            if total.div_ceil(block_size) > s.block_table.len() {
+                return Err(shape_err(
+                    "attention metadata",
+                    format!(
+                        "sequence {b}: {total} tokens need {} blocks, its table has {}",
+                        total.div_ceil(block_size),
+                        s.block_table.len()
+                    ),
+                ));
+            }
+            let mut row = s.block_table.to_vec();
+            row.resize(max_blocks, 0);
+            m.block_tables.extend(row);
+            m.seq_lens.push(total as u32);
+            for pos in s.num_cached..total {
+                let slot = s.block_table[pos / block_size] as usize * block_size + pos % block_size;
+                let slot = i32::try_from(slot).map_err(|_| shape_err("attention metadata", "slot beyond i32"))?;
+                m.positions.push(pos as u32);
+                m.slot_mapping.push(slot);
+                m.seq_of.push(b as u32);
+                m.ctx_of.push(pos as u32 + 1);
+            }
+        }
+        while m.positions.len() < pad_to {
+            m.positions.push(0);
+            m.slot_mapping.push(-1);
+            m.seq_of.push(0);
+            m.ctx_of.push(0);
+        }
+        if m.seq_lens.is_empty() {
+            m.seq_lens.push(0);
+            m.block_tables.resize(max_blocks, 0);
+        }
+        Ok(m)
+    }
+
+    pub fn upload(&self, ctx: &crate::GpuContext, block_size: usize) -> Result<AttnMetadata> {
+        let t = self.positions.len();
+        if t == 0 {
+            return Err(shape_err("attention metadata", "no tokens"));
+        }
+        let slots = ctx.empty(&[t], DType::I32)?;
+        slots.write_bytes(ctx, bytemuck::cast_slice(&self.slot_mapping))?;
+        Ok(AttnMetadata {
+            num_tokens: t,
+            num_seqs: self.seq_lens.len(),
+            block_size,
+            max_blocks: self.max_blocks,
+            max_ctx: self.seq_lens.iter().copied().max().unwrap_or(0) as usize,
+            positions: ctx.upload_u32(&[t], &self.positions)?,
+            slot_mapping: slots,
+            block_tables: ctx.upload_u32(&[self.block_tables.len()], &self.block_tables)?,
+            seq_of: ctx.upload_u32(&[t], &self.seq_of)?,
+            ctx_of: ctx.upload_u32(&[t], &self.ctx_of)?,
+            seq_lens: ctx.upload_u32(&[self.seq_lens.len()], &self.seq_lens)?,
+        })
+    }
+}
+
+fn check_inputs(qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape) -> Result<()> {
+    s.check()?;
+    expect_dtype("attention", qkv, DType::F32)?;
+    expect_len(
+        "attention",
+        "qkv",
+        qkv,
+        meta.num_tokens * (s.q_heads + 2 * s.kv_heads) * s.head_dim,
+    )?;
+    expect_dtype("attention", &cache.k, DType::F16)?;
+    let shape = cache.k.shape();
+    if shape.len() != 4 || shape[1] != s.kv_heads || shape[2] != meta.block_size || shape[3] != s.head_dim {
+        return Err(shape_err(
+            "attention",
+            format!("cache {:?} does not match {s:?} with block size {}", shape, meta.block_size),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the new tokens' K and V (from the rotated QKV rows) into the cache: one dispatch.
+pub fn write_kv(step: &mut Step, qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape) -> Result<()> {
+    check_inputs(qkv, meta, cache, s)?;
+    let k = Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write");
+    let params = [
+        meta.num_tokens as u32,
+        s.q_heads as u32,
+        s.kv_heads as u32,
+        s.head_dim as u32,
+        meta.block_size as u32,
+    ];
+    let n = meta.num_tokens * s.kv_heads * s.head_dim / 2;
+    step.dispatch(&k, &[qkv, &meta.slot_mapping, &cache.k, &cache.v], &params, grid(step.ctx, n.div_ceil(256)))
+}
+
+fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
+    Kernel::new("paged_attention.wgsl", PAGED, "paged_attention")
+        .u32("G", s.group() as u32)
+        .u32("D", s.head_dim as u32)
+        .bool("SPLIT", split)
+}
+
+fn reduce_kernel(s: AttnShape) -> Kernel {
+    Kernel::new("attention_reduce.wgsl", REDUCE, "attention_reduce")
+        .u32("G", s.group() as u32)
+        .u32("D", s.head_dim as u32)
+}
+
+fn reference_kernel(entry: &'static str) -> Kernel {
+    Kernel::new("attention_ref.wgsl", REFERENCE, entry)
+}
+
+pub(crate) fn variants() -> Vec<Kernel> {
+    let mut v = vec![Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write")];
+    for (q, kv, d) in [(4, 4, 64), (32, 4, 128), (16, 1, 256), (8, 2, 96)] {
+        let s = AttnShape { q_heads: q, kv_heads: kv, head_dim: d };
+        v.push(paged_kernel(s, false));
+        v.push(paged_kernel(s, true));
+        v.push(reduce_kernel(s));
+    }
+    for e in ["gather_kv", "naive_scores", "naive_av"] {
+        v.push(reference_kernel(e));
+    }
+    v
+}
+
+/// Positions per split for this batch, or `None` for a single pass: split only when the
+/// batch alone leaves the GPU idle and some context is longer than one partition.
+pub fn plan_partition(opts: &AttentionOptions, meta: &AttnMetadata, s: AttnShape) -> Option<usize> {
+    if let Some(p) = opts.partition {
+        return (meta.max_ctx > p).then_some(p.max(1));
+    }
+    let groups = meta.num_tokens * s.kv_heads;
+    (groups < SPLIT_BELOW_GROUPS && meta.max_ctx > DEFAULT_PARTITION).then_some(DEFAULT_PARTITION)
+}
+
+/// Attention over the cache (after `write_kv`), by our paged kernels or the reference path.
+/// `out`: `[tokens, q_heads * head_dim]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    step: &mut Step,
+    opts: &AttentionOptions,
+    qkv: &Tensor,
+    meta: &AttnMetadata,
+    cache: &LayerKv,
+    s: AttnShape,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    check_inputs(qkv, meta, cache, s)?;
+    expect_dtype("attention", out, DType::F32)?;
+    expect_len("attention", "out", out, meta.num_tokens * s.q_heads * s.head_dim)?;
+    if !opts.paged {
+        return attend_reference(step, qkv, meta, cache, s, scale, out);
+    }
+    let t = meta.num_tokens;
+    let (partition, splits) = match plan_partition(opts, meta, s) {
+        Some(p) => (p, meta.max_ctx.div_ceil(p)),
+        None => (meta.max_ctx.max(1), 1),
+    };
+    let params = [
+        t as u32,
+        s.q_heads as u32,
+        s.kv_heads as u32,
+        meta.block_size as u32,
+        meta.max_blocks as u32,
+        scale.to_bits(),
+        partition as u32,
+        splits as u32,
+    ];
+    let groups = grid(step.ctx, t * s.kv_heads * splits);
+    let inputs = [qkv, &meta.seq_of, &meta.ctx_of, &meta.block_tables, &cache.k, &cache.v];
+    if splits == 1 {
+        let dummy = step.ctx.dummy()?.clone();
+        let b: Vec<&Tensor> = inputs.iter().copied().chain([out, &dummy]).collect();
+        return step.dispatch(&paged_kernel(s, false), &b, &params, groups);
+    }
+    let g = s.group();
+    let part = step.ctx.empty(&[t * s.kv_heads * splits, g * s.head_dim], DType::F32)?;
+    let ml = step.ctx.empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
+    let b: Vec<&Tensor> = inputs.iter().copied().chain([&part, &ml]).collect();
+    step.dispatch(&paged_kernel(s, true), &b, &params, groups)?;
+    let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
+    step.dispatch(&reduce_kernel(s), &[&part, &ml, out], &rparams, grid(step.ctx, t * s.kv_heads))
+}
+
+fn attend_reference(
+    step: &mut Step,
+    qkv: &Tensor,
+    meta: &AttnMetadata,
+    cache: &LayerKv,
+    s: AttnShape,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    let (t, b, mc) = (meta.num_tokens, meta.num_seqs, meta.max_ctx.max(1));
+    let ctx = step.ctx;
+    let kc = ctx.empty(&[b, mc, s.kv_heads, s.head_dim], DType::F32)?;
+    let vc = ctx.empty(&[b, mc, s.kv_heads, s.head_dim], DType::F32)?;
+    let scores = ctx.empty(&[t * s.q_heads, mc], DType::F32)?;
+    let params = [
+        t as u32,
+        s.q_heads as u32,
+        s.kv_heads as u32,
+        s.head_dim as u32,
+        meta.block_size as u32,
+        meta.max_blocks as u32,
+        mc as u32,
+        b as u32,
+        scale.to_bits(),
+    ];
+    let n = b * mc * s.kv_heads * s.head_dim / 2;
+    step.dispatch_at(
+        &reference_kernel("gather_kv"),
+        &[(0, &meta.seq_lens), (1, &meta.block_tables), (2, &cache.k), (3, &cache.v), (4, &kc), (5, &vc)],
+        &params,
+        grid(ctx, n.div_ceil(256)),
+    )?;
+    let n = t * s.q_heads * mc;
+    step.dispatch_at(
+        &reference_kernel("naive_scores"),
+        &[(4, &kc), (6, qkv), (7, &meta.seq_of), (8, &meta.ctx_of), (9, &scores)],
+        &params,
+        grid(ctx, n.div_ceil(256)),
+    )?;
+    softmax::softmax(step, &scores)?;
+    let n = t * s.q_heads * s.head_dim;
+    step.dispatch_at(
+        &reference_kernel("naive_av"),
+        &[(5, &vc), (7, &meta.seq_of), (8, &meta.ctx_of), (9, &scores), (10, out)],
+        &params,
+        grid(ctx, n.div_ceil(256)),
+    )
+}
+
+/// KV write and attention for one layer. With `fused_kv` both go into the current
+/// submission back to back (the GPU orders them; the CPU never waits); without it the KV
+/// write is submitted and completed before attention is recorded.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    step: &mut Step,
+    opts: &AttentionOptions,
+    qkv: &Tensor,
+    meta: &AttnMetadata,
+    cache: &LayerKv,
+    s: AttnShape,
+    scale: f32,
+    out: &Tensor,
+) -> Result<()> {
+    write_kv(step, qkv, meta, cache, s)?;
+    if !opts.fused_kv {
+        step.sync()?;
+    }
+    attend(step, opts, qkv, meta, cache, s, scale, out)
+}
+
+pub mod cpu {
+    use super::{AttnShape, HostMetadata};
+
+    /// Reference attention in f64 over a CPU copy of the cache (`[blocks, kv_heads, bs, d]`,
+    /// already f16-rounded), for every token of `meta`; padding tokens give zeros.
+    pub fn attention(
+        qkv: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        meta: &HostMetadata,
+        s: AttnShape,
+        block_size: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (d, hq, hkv) = (s.head_dim, s.q_heads, s.kv_heads);
+        let g = hq / hkv;
+        let row = (hq + 2 * hkv) * d;
+        let t_count = meta.ctx_of.len();
+        let mut out = vec![0f32; t_count * hq * d];
+        for t in 0..t_count {
+            let n = meta.ctx_of[t] as usize;
+            if n == 0 {
+                continue;
+            }
+            let seq = meta.seq_of[t] as usize;
+            let table = &meta.block_tables[seq * meta.max_blocks..(seq + 1) * meta.max_blocks];
+            for head in 0..hq {
+                let h = head / g;
+                let q = &qkv[t * row + head * d..t * row + (head + 1) * d];
+                let at = |pos: usize| ((table[pos / block_size] as usize * hkv + h) * block_size + pos % block_size) * d;
+                let scores: Vec<f64> = (0..n)
+                    .map(|pos| {
+                        let k = &k_cache[at(pos)..at(pos) + d];
+                        q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                for dd in 0..d {
+                    let v: f64 = (0..n).map(|pos| w[pos] * v_cache[at(pos) + dd] as f64).sum();
+                    out[(t * hq + head) * d + dd] = (v / sum) as f32;
+                }
+            }
+        }
+        out
+    }
+}
