@@ -12,7 +12,7 @@ if ! .devbin/vllm-apple env >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 .devbin/vllm-apple env
-for t in .devbin/kernels .devbin/metal_guard; do
+for t in .devbin/kernels .devbin/attention .devbin/metal_guard; do
   [ -x "$t" ] && "$t" 2>&1 | grep -E "test GPU|^test |test result|panicked|relative error" 
 done
 [ $# -gt 0 ] && .devbin/vllm-apple "$@"

@@ -130,6 +130,15 @@ impl<'c> Step<'c> {
         params: &[u32],
         groups: [u32; 3],
     ) -> Result<()> {
+        let limit = self.ctx.max_binding_bytes();
+        if let Some((_, t)) = bindings.iter().find(|(_, t)| t.nbytes() > limit) {
+            return Err(OpsError::TooLarge {
+                what: format!("a {:?} {} binding of {}", t.shape(), t.dtype(), kernel.entry),
+                needed: t.nbytes(),
+                limit,
+                hint: "split the work (smaller batch or chunk) so each buffer fits one binding",
+            });
+        }
         let pipeline = self.ctx.pipeline(kernel)?;
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = bindings

@@ -5,10 +5,10 @@
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_ops::kernels::matmul::{self, CoopConfig, GemvConfig, MatmulPath, Tuning};
-use vllm_apple_ops::kernels::{activation, argmax, copy, rmsnorm, rope};
+use vllm_apple_ops::kernels::{activation, argmax, rmsnorm, rope};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
 
-use super::timer::{copy_bandwidth, time_reps};
+use super::timer::{copy_bandwidth, copy_kernel_bandwidth, time_reps};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -288,14 +288,6 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn copy_kernel_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f64> {
-    let n = (bytes / 4) as usize;
-    let a = ctx.empty(&[n], DType::F32)?;
-    let b = ctx.empty(&[n], DType::F32)?;
-    let t = time_reps(ctx, reps, |s, _| copy::copy(s, &a, &b))?;
-    Ok(2.0 * bytes as f64 / t)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,7 @@
 //! `vllm-apple bench ...`: measured on the GPU with timestamp queries where the adapter has
 //! them (CPU wall time over a batch of repetitions otherwise), reported as medians.
 
+mod attention;
 mod kernels;
 mod timer;
 
@@ -12,10 +13,13 @@ use vllm_apple_ops::ContextOptions;
 pub enum BenchCommand {
     /// Kernel bandwidth and throughput on Qwen3-30B-A3B's real shapes.
     Kernels(kernels::Args),
+    /// Paged attention: decode bandwidth over batch x context, prefill throughput.
+    Attention(attention::Args),
 }
 
 pub fn run(opts: &ContextOptions, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels::run(opts, args),
+        BenchCommand::Attention(args) => attention::run(opts, args),
     }
 }

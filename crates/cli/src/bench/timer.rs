@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use vllm_apple_ops::{GpuContext, Step};
+use vllm_apple_ops::kernels::copy;
+use vllm_apple_ops::{DType, GpuContext, Step};
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -120,4 +121,14 @@ pub fn copy_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f64> 
     run(1)?;
     let samples: Vec<f64> = (0..3).map(|_| run(reps)).collect::<Result<_>>()?;
     Ok(2.0 * bytes as f64 * reps as f64 / median(samples))
+}
+
+/// Streaming bandwidth of our copy kernel (bytes read + written per second): the roofline.
+pub fn copy_kernel_bandwidth(ctx: &GpuContext, bytes: u64, reps: usize) -> Result<f64> {
+    let bytes = bytes.min(ctx.max_binding_bytes() / 16 * 16);
+    let n = (bytes / 4) as usize;
+    let a = ctx.empty(&[n], DType::F32)?;
+    let b = ctx.empty(&[n], DType::F32)?;
+    let t = time_reps(ctx, reps, |s, _| copy::copy(s, &a, &b))?;
+    Ok(2.0 * bytes as f64 / t)
 }
