@@ -193,7 +193,7 @@ fn gqa16_head256_with_prefill_at_offset() {
 
 #[test]
 fn long_context_decode_split_and_single_pass_agree() {
-    let split = AttentionOptions::default(); // 2048 positions, 4 workgroups: splits of 512
+    let split = AttentionOptions::default(); // 2 tokens x 4 kv heads: split into partitions
     let single = AttentionOptions { partition: Some(1 << 20), ..Default::default() };
     let reference = AttentionOptions { paged: false, ..Default::default() };
     run(

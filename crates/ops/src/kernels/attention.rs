@@ -15,10 +15,11 @@ const PAGED: &str = wgsl!("paged_attention.wgsl");
 const REDUCE: &str = wgsl!("attention_reduce.wgsl");
 const REFERENCE: &str = wgsl!("attention_ref.wgsl");
 
-/// Positions per split when a batch is too small to fill the GPU (flash-decoding).
-pub const DEFAULT_PARTITION: usize = 512;
-/// Below this many (token, kv head) workgroups, long contexts are split.
-const SPLIT_BELOW_GROUPS: usize = 256;
+/// Workgroups a step should offer the GPU; fewer (token, kv head) pairs than this split
+/// long contexts into partitions (flash-decoding), each its own workgroup.
+const TARGET_GROUPS: usize = 1024;
+/// The shortest partition worth a split (two chunks of the kernel).
+const MIN_PARTITION: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -283,7 +284,12 @@ pub fn plan_partition(opts: &AttentionOptions, meta: &AttnMetadata, s: AttnShape
         return (meta.max_ctx > p).then_some(p.max(1));
     }
     let groups = meta.num_tokens * s.kv_heads;
-    (groups < SPLIT_BELOW_GROUPS && meta.max_ctx > DEFAULT_PARTITION).then_some(DEFAULT_PARTITION)
+    if groups >= TARGET_GROUPS {
+        return None;
+    }
+    let splits = TARGET_GROUPS.div_ceil(groups);
+    let part = meta.max_ctx.div_ceil(splits).max(MIN_PARTITION).next_multiple_of(128);
+    (part < meta.max_ctx).then_some(part)
 }
 
 /// Attention over the cache (after `write_kv`), by our paged kernels or the reference path.

@@ -4,7 +4,8 @@
 // prefill gives each of its tokens its own ctx), walked CHUNK = 128 positions at a time:
 //   scores: invocation j takes position c + j and dots its K row (128-bit loads) with the
 //           G scaled queries held in workgroup memory;
-//   softmax: invocations g < G update the running max / sum of head g (online softmax);
+//   softmax: subgroup max / sum per head, combined across subgroups; every invocation
+//            keeps the running max and sum of every head (online softmax);
 //   values: TG groups of D / 2 invocations take every TG-th position, each invocation two
 //           adjacent dimensions of all G heads; groups are summed at the end.
 // SPLIT: the workgroup covers positions [split * part_len, ...) and leaves unnormalised
@@ -38,17 +39,19 @@ const PAIRS: u32 = D / 2u;
 const TG: u32 = max(WG / PAIRS, 1u);
 const NEG_INF: f32 = -3.4e38;
 
-// Queries first, then the per-group value sums: both fit in 4096 floats.
-var<workgroup> shared_a: array<f32, 4096>;
-var<workgroup> scores: array<f32, G * CHUNK>;
+// The scaled queries as vec4 (one 128-bit read per 4 dimensions), later reused for the
+// per-group value sums (TG * G * D <= 4096 floats).
+var<workgroup> q4: array<vec4<f32>, 1024>;
+var<workgroup> probs: array<f32, G * CHUNK>;
 var<workgroup> row_base: array<u32, CHUNK>;
-var<workgroup> m_run: array<f32, G>;
-var<workgroup> l_run: array<f32, G>;
-var<workgroup> alpha: array<f32, G>;
+// Per-subgroup partial maxima and sums of each head (at most 32 subgroups of 4+).
+var<workgroup> red_max: array<f32, 32u * G>;
+var<workgroup> red_sum: array<f32, 32u * G>;
 
 @compute @workgroup_size(WG)
 fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                   @builtin(local_invocation_index) li: u32) {
+                   @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
     let flat = flat_group(wg, nwg);
     if flat >= p.t * p.hkv * p.splits {
         return;
@@ -63,31 +66,37 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     let hi = min(lo + p.part_len, n_ctx);
 
     let qrow = t * (p.hq + 2u * p.hkv) * D + h * G * D;
-    for (var i = li; i < G * D; i += WG) {
-        shared_a[i] = qkv[qrow + i] * p.scale;
+    for (var i = li; i < G * D / 4u; i += WG) {
+        let b = qrow + 4u * i;
+        q4[i] = vec4<f32>(qkv[b], qkv[b + 1u], qkv[b + 2u], qkv[b + 3u]) * p.scale;
     }
-    if li < G {
-        m_run[li] = NEG_INF;
-        l_run[li] = 0.0;
+    // Running max and sum of every head, kept identically by every invocation.
+    var m_run: array<f32, G>;
+    var l_run: array<f32, G>;
+    var acc: array<vec2<f32>, G>;
+    for (var g = 0u; g < G; g++) {
+        m_run[g] = NEG_INF;
+        l_run[g] = 0.0;
+        acc[g] = vec2<f32>(0.0);
     }
     // Value accumulators: pair `vp` of dimensions, positions of group `grp`.
     let grp = li / PAIRS;
     let vp = li - grp * PAIRS;
     let active_v = grp < TG;
-    var acc: array<vec2<f32>, G>;
-    for (var g = 0u; g < G; g++) {
-        acc[g] = vec2<f32>(0.0);
-    }
     workgroupBarrier();
 
     for (var c = lo; c < hi; c += CHUNK) {
+        let n = min(CHUNK, hi - c);
         // Scores of position c + li for every head of the group.
         let pos = c + li;
+        var s: array<f32, G>;
+        for (var g = 0u; g < G; g++) {
+            s[g] = NEG_INF;
+        }
         var base = 0u;
-        if pos < hi {
+        if li < n {
             let block = block_tables[seq * p.max_blocks + pos / p.bs];
             base = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
-            var s: array<f32, G>;
             for (var g = 0u; g < G; g++) {
                 s[g] = 0.0;
             }
@@ -96,70 +105,88 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
                 let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
                 let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
                 for (var g = 0u; g < G; g++) {
-                    let q = g * D + i * 8u;
-                    let q0 = vec4<f32>(shared_a[q], shared_a[q + 1u], shared_a[q + 2u], shared_a[q + 3u]);
-                    let q1 = vec4<f32>(shared_a[q + 4u], shared_a[q + 5u], shared_a[q + 6u], shared_a[q + 7u]);
-                    s[g] += dot(k0, q0) + dot(k1, q1);
+                    let q = (g * D) / 4u + 2u * i;
+                    s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
                 }
-            }
-            for (var g = 0u; g < G; g++) {
-                scores[g * CHUNK + li] = s[g];
-            }
-        } else {
-            for (var g = 0u; g < G; g++) {
-                scores[g * CHUNK + li] = NEG_INF;
             }
         }
         row_base[li] = base;
-        workgroupBarrier();
-
-        // Online softmax, one head per invocation.
-        if li < G {
-            let n = min(CHUNK, hi - c);
-            var mx = m_run[li];
-            for (var j = 0u; j < n; j++) {
-                mx = max(mx, scores[li * CHUNK + j]);
+        // Online softmax over the chunk: subgroup maxima, then across subgroups.
+        for (var g = 0u; g < G; g++) {
+            let mx = subgroupMax(s[g]);
+            if lane == 0u {
+                red_max[sg * G + g] = mx;
             }
-            let a = exp(m_run[li] - mx);
-            var sum = 0.0;
-            for (var j = 0u; j < n; j++) {
-                let e = exp(scores[li * CHUNK + j] - mx);
-                scores[li * CHUNK + j] = e;
-                sum += e;
-            }
-            alpha[li] = a;
-            m_run[li] = mx;
-            l_run[li] = l_run[li] * a + sum;
         }
         workgroupBarrier();
+        var alpha: array<f32, G>;
+        for (var g = 0u; g < G; g++) {
+            var mx = m_run[g];
+            for (var k = 0u; k < nsg; k++) {
+                mx = max(mx, red_max[k * G + g]);
+            }
+            alpha[g] = exp(m_run[g] - mx);
+            m_run[g] = mx;
+            var e = 0.0;
+            if li < n {
+                e = exp(s[g] - mx);
+            }
+            probs[g * CHUNK + li] = e;
+            let sum = subgroupAdd(e);
+            if lane == 0u {
+                red_sum[sg * G + g] = sum;
+            }
+        }
+        workgroupBarrier();
+        for (var g = 0u; g < G; g++) {
+            var sum = 0.0;
+            for (var k = 0u; k < nsg; k++) {
+                sum += red_sum[k * G + g];
+            }
+            l_run[g] = l_run[g] * alpha[g] + sum;
+        }
 
         if active_v {
             for (var g = 0u; g < G; g++) {
                 acc[g] *= alpha[g];
             }
-            let n = min(CHUNK, hi - c);
-            for (var j = grp; j < n; j += TG) {
+            // Four positions per step so their loads are in flight together.
+            var j = grp;
+            for (; j + 3u * TG < n; j += 4u * TG) {
+                let v0 = unpack2x16float(v_cache[row_base[j] / 2u + vp]);
+                let v1 = unpack2x16float(v_cache[row_base[j + TG] / 2u + vp]);
+                let v2 = unpack2x16float(v_cache[row_base[j + 2u * TG] / 2u + vp]);
+                let v3 = unpack2x16float(v_cache[row_base[j + 3u * TG] / 2u + vp]);
+                for (var g = 0u; g < G; g++) {
+                    let pb = g * CHUNK + j;
+                    acc[g] += probs[pb] * v0 + probs[pb + TG] * v1 + probs[pb + 2u * TG] * v2
+                        + probs[pb + 3u * TG] * v3;
+                }
+            }
+            for (; j < n; j += TG) {
                 let v = unpack2x16float(v_cache[row_base[j] / 2u + vp]);
                 for (var g = 0u; g < G; g++) {
-                    acc[g] += scores[g * CHUNK + j] * v;
+                    acc[g] += probs[g * CHUNK + j] * v;
                 }
             }
         }
         workgroupBarrier();
     }
 
-    // Sum the TG position groups (queries are no longer needed: reuse their memory).
+    // Sum the TG position groups (the queries are no longer needed: reuse their memory).
     if active_v {
         for (var g = 0u; g < G; g++) {
-            shared_a[(grp * G + g) * D + 2u * vp] = acc[g].x;
-            shared_a[(grp * G + g) * D + 2u * vp + 1u] = acc[g].y;
+            let i = (grp * G + g) * D + 2u * vp;
+            q4[i / 4u][i % 4u] = acc[g].x;
+            q4[(i + 1u) / 4u][(i + 1u) % 4u] = acc[g].y;
         }
     }
     workgroupBarrier();
     for (var i = li; i < G * D; i += WG) {
         var total = 0.0;
         for (var k = 0u; k < TG; k++) {
-            total += shared_a[k * G * D + i];
+            let e = k * G * D + i;
+            total += q4[e / 4u][e % 4u];
         }
         let g = i / D;
         if SPLIT {
