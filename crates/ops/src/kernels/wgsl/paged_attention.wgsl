@@ -2,12 +2,15 @@
 // token, kv head, split): the G = hq / hkv query heads that share the kv head read each
 // K/V row once. Query token t sees cache positions [0, ctx[t]) of sequence seq[t] (causal
 // prefill gives each of its tokens its own ctx), walked CHUNK = 128 positions at a time:
-//   scores: invocation j takes position c + j and dots its K row (128-bit loads) with the
-//           G scaled queries held in workgroup memory;
-//   softmax: subgroup max / sum per head, combined across subgroups; every invocation
-//            keeps the running max and sum of every head (online softmax);
-//   values: TG groups of D / 2 invocations take every TG-th position, each invocation two
-//           adjacent dimensions of all G heads; groups are summed at the end.
+//   scores: L lanes of a subgroup share one position (L a power of two <= D / 8 and <= the
+//           subgroup size), each reading 128-bit pieces of its K row so a subgroup's loads
+//           are contiguous, dotting them with the G scaled queries in workgroup memory, and
+//           summing across the L lanes with shuffles;
+//   softmax: invocation j takes position j of the chunk: subgroup max / sum per head,
+//           combined across subgroups; every invocation keeps the running max and sum of
+//           every head (online softmax);
+//   values: TG groups of D / 4 invocations take every TG-th position, each invocation four
+//           dimensions (64-bit loads) of all G heads; the groups are summed at the end.
 // SPLIT: the workgroup covers positions [split * part_len, ...) and leaves unnormalised
 // sums and (max, sum) for `attention_reduce` (flash-decoding); otherwise it writes the
 // normalised output. ctx[t] == 0 (a padding token) writes zeros.
@@ -29,18 +32,18 @@ var<immediate> p: Params;
 @group(0) @binding(2) var<storage, read> ctx_of: array<u32>;
 @group(0) @binding(3) var<storage, read> block_tables: array<u32>;
 @group(0) @binding(4) var<storage, read> k_cache: array<vec4<u32>>;
-@group(0) @binding(5) var<storage, read> v_cache: array<u32>;
+@group(0) @binding(5) var<storage, read> v_cache: array<vec2<u32>>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
 
 const WG: u32 = 128u;
 const CHUNK: u32 = 128u;
-const PAIRS: u32 = D / 2u;
-const TG: u32 = max(WG / PAIRS, 1u);
+const QUADS: u32 = D / 4u;
+// Position groups of the value phase, bounded so their sums fit the 4096-float area.
+const TG: u32 = min(WG / QUADS, 4096u / (G * D));
 const NEG_INF: f32 = -3.4e38;
 
-// The scaled queries as vec4 (one 128-bit read per 4 dimensions), later reused for the
-// per-group value sums (TG * G * D <= 4096 floats).
+// The scaled queries as vec4, later reused for the per-group value sums.
 var<workgroup> q4: array<vec4<f32>, 1024>;
 var<workgroup> probs: array<f32, G * CHUNK>;
 var<workgroup> row_base: array<u32, CHUNK>;
@@ -51,7 +54,8 @@ var<workgroup> red_sum: array<f32, 32u * G>;
 @compute @workgroup_size(WG)
 fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
-                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
+                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32,
+                   @builtin(subgroup_size) sg_size: u32) {
     let flat = flat_group(wg, nwg);
     if flat >= p.t * p.hkv * p.splits {
         return;
@@ -70,50 +74,76 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         let b = qrow + 4u * i;
         q4[i] = vec4<f32>(qkv[b], qkv[b + 1u], qkv[b + 2u], qkv[b + 3u]) * p.scale;
     }
-    // Running max and sum of every head, kept identically by every invocation.
+    // Lanes per position in the score phase, and this lane's place.
+    var lpp = 1u;
+    while lpp * 2u <= min(D / 8u, sg_size) {
+        lpp *= 2u;
+    }
+    let sub = lane % lpp;
+    // Positions the whole workgroup scores per pass (full subgroups: WG = nsg * sg_size).
+    let per_pass = nsg * (sg_size / lpp);
+    let my_pos = sg * (sg_size / lpp) + lane / lpp;
+
     var m_run: array<f32, G>;
     var l_run: array<f32, G>;
-    var acc: array<vec2<f32>, G>;
+    var acc: array<vec4<f32>, G>;
     for (var g = 0u; g < G; g++) {
         m_run[g] = NEG_INF;
         l_run[g] = 0.0;
-        acc[g] = vec2<f32>(0.0);
+        acc[g] = vec4<f32>(0.0);
     }
-    // Value accumulators: pair `vp` of dimensions, positions of group `grp`.
-    let grp = li / PAIRS;
-    let vp = li - grp * PAIRS;
+    let grp = li / QUADS;
+    let vq = li - grp * QUADS;
     let active_v = grp < TG;
-    workgroupBarrier();
 
     for (var c = lo; c < hi; c += CHUNK) {
         let n = min(CHUNK, hi - c);
-        // Scores of position c + li for every head of the group.
-        let pos = c + li;
-        var s: array<f32, G>;
-        for (var g = 0u; g < G; g++) {
-            s[g] = NEG_INF;
-        }
-        var base = 0u;
         if li < n {
+            let pos = c + li;
             let block = block_tables[seq * p.max_blocks + pos / p.bs];
-            base = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
+            row_base[li] = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
+        }
+        workgroupBarrier();
+
+        // Scores: lpp lanes per position, contiguous 128-bit K loads.
+        for (var j0 = 0u; j0 < n; j0 += per_pass) {
+            let j = j0 + my_pos;
+            let valid = j < n;
+            var s: array<f32, G>;
             for (var g = 0u; g < G; g++) {
                 s[g] = 0.0;
             }
-            for (var i = 0u; i < D / 8u; i++) {
-                let kv = k_cache[base / 8u + i];
-                let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
-                let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
-                for (var g = 0u; g < G; g++) {
-                    let q = (g * D) / 4u + 2u * i;
-                    s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
+            if valid {
+                let base = row_base[j] / 8u;
+                for (var i = sub; i < D / 8u; i += lpp) {
+                    let kv = k_cache[base + i];
+                    let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
+                    let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
+                    for (var g = 0u; g < G; g++) {
+                        let q = (g * D) / 4u + 2u * i;
+                        s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
+                    }
+                }
+            }
+            for (var g = 0u; g < G; g++) {
+                var v = s[g];
+                for (var m = lpp / 2u; m > 0u; m /= 2u) {
+                    v += subgroupShuffleXor(v, m);
+                }
+                if valid && sub == 0u {
+                    probs[g * CHUNK + j] = v;
                 }
             }
         }
-        row_base[li] = base;
-        // Online softmax over the chunk: subgroup maxima, then across subgroups.
+        workgroupBarrier();
+
+        // Online softmax over the chunk, position li per invocation.
         for (var g = 0u; g < G; g++) {
-            let mx = subgroupMax(s[g]);
+            var x = NEG_INF;
+            if li < n {
+                x = probs[g * CHUNK + li];
+            }
+            let mx = subgroupMax(x);
             if lane == 0u {
                 red_max[sg * G + g] = mx;
             }
@@ -129,9 +159,9 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
             m_run[g] = mx;
             var e = 0.0;
             if li < n {
-                e = exp(s[g] - mx);
+                e = exp(probs[g * CHUNK + li] - mx);
+                probs[g * CHUNK + li] = e;
             }
-            probs[g * CHUNK + li] = e;
             let sum = subgroupAdd(e);
             if lane == 0u {
                 red_sum[sg * G + g] = sum;
@@ -150,23 +180,22 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
             for (var g = 0u; g < G; g++) {
                 acc[g] *= alpha[g];
             }
-            // Four positions per step so their loads are in flight together.
+            // Two positions per step so their loads are in flight together.
             var j = grp;
-            for (; j + 3u * TG < n; j += 4u * TG) {
-                let v0 = unpack2x16float(v_cache[row_base[j] / 2u + vp]);
-                let v1 = unpack2x16float(v_cache[row_base[j + TG] / 2u + vp]);
-                let v2 = unpack2x16float(v_cache[row_base[j + 2u * TG] / 2u + vp]);
-                let v3 = unpack2x16float(v_cache[row_base[j + 3u * TG] / 2u + vp]);
+            for (; j + TG < n; j += 2u * TG) {
+                let w0 = v_cache[row_base[j] / 4u + vq];
+                let w1 = v_cache[row_base[j + TG] / 4u + vq];
+                let v0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+                let v1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
                 for (var g = 0u; g < G; g++) {
-                    let pb = g * CHUNK + j;
-                    acc[g] += probs[pb] * v0 + probs[pb + TG] * v1 + probs[pb + 2u * TG] * v2
-                        + probs[pb + 3u * TG] * v3;
+                    acc[g] += probs[g * CHUNK + j] * v0 + probs[g * CHUNK + j + TG] * v1;
                 }
             }
-            for (; j < n; j += TG) {
-                let v = unpack2x16float(v_cache[row_base[j] / 2u + vp]);
+            if j < n {
+                let w0 = v_cache[row_base[j] / 4u + vq];
+                let v0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
                 for (var g = 0u; g < G; g++) {
-                    acc[g] += probs[g * CHUNK + j] * v;
+                    acc[g] += probs[g * CHUNK + j] * v0;
                 }
             }
         }
@@ -176,9 +205,7 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     // Sum the TG position groups (the queries are no longer needed: reuse their memory).
     if active_v {
         for (var g = 0u; g < G; g++) {
-            let i = (grp * G + g) * D + 2u * vp;
-            q4[i / 4u][i % 4u] = acc[g].x;
-            q4[(i + 1u) / 4u][(i + 1u) % 4u] = acc[g].y;
+            q4[((grp * G + g) * D) / 4u + vq] = acc[g];
         }
     }
     workgroupBarrier();
