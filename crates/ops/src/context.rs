@@ -38,6 +38,9 @@ pub struct ContextOptions {
     pub backend: Option<String>,
     /// Forbid the cooperative-matrix path even where offered (tests of the subgroup path).
     pub disable_coop_matrix: bool,
+    /// Compile kernels with every runtime check wgpu offers (loop bounding, division
+    /// guards), not only buffer bounds checks. Also `VLLM_APPLE_SHADER_CHECKS=full`.
+    pub full_shader_checks: bool,
 }
 
 pub struct GpuContext {
@@ -54,6 +57,7 @@ pub struct GpuContext {
     /// Vulkan heap, or the machine's RAM on Apple's unified memory.
     pub memory_bytes: Option<u64>,
     pub(crate) pipelines: PipelineCache,
+    full_shader_checks: bool,
     pub(crate) pool: BufferPool,
     dummy: OnceLock<Tensor>,
     gpu_error: Arc<Mutex<Option<String>>>,
@@ -200,6 +204,8 @@ impl GpuContext {
             coop,
             memory_bytes,
             pipelines: PipelineCache::default(),
+            full_shader_checks: opts.full_shader_checks
+                || std::env::var("VLLM_APPLE_SHADER_CHECKS").is_ok_and(|v| v == "full"),
             pool: BufferPool::default(),
             dummy: OnceLock::new(),
             gpu_error,
@@ -249,7 +255,8 @@ impl GpuContext {
 
     /// The compiled pipeline for a kernel variant; compiled on first use, then cached.
     pub fn pipeline(&self, kernel: &Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipelines.get_or_create(&self.device, kernel)
+        self.pipelines
+            .get_or_create(&self.device, kernel, self.full_shader_checks)
     }
 
     /// A human-readable description for `vllm-apple env`.

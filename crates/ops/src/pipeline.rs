@@ -110,6 +110,7 @@ impl PipelineCache {
         &self,
         device: &wgpu::Device,
         kernel: &Kernel,
+        full_checks: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = kernel.key();
         let mut map = self
@@ -121,10 +122,23 @@ impl PipelineCache {
         }
         let source = kernel.render();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let desc = wgpu::ShaderModuleDescriptor {
             label: Some(kernel.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        };
+        let module = if full_checks {
+            device.create_shader_module(desc)
+        } else {
+            // SAFETY: buffer bounds checks stay on (memory safety does not depend on our
+            // kernels being right). Dropped: the iteration cap naga adds to every loop, which
+            // keeps drivers from unrolling ours (every loop of our kernels has a bound), and
+            // the guards on integer division (every divisor is a shape the launchers check
+            // to be non-zero).
+            let mut checks = wgpu::ShaderRuntimeChecks::checked();
+            checks.force_loop_bounding = false;
+            checks.int_div_checks = false;
+            unsafe { device.create_shader_module_trusted(desc, checks) }
+        };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
