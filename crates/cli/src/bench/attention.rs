@@ -24,6 +24,9 @@ pub struct Args {
     /// Timed repetitions (the median of three rounds is reported).
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// Give each sequence consecutive blocks instead of interleaving them across sequences.
+    #[arg(long)]
+    contiguous: bool,
 }
 
 const SHAPE: AttnShape = AttnShape { q_heads: 32, kv_heads: 4, head_dim: 128 };
@@ -38,12 +41,13 @@ struct Setup {
 }
 
 /// `batch` sequences of `cached` cached tokens and `new` new ones, blocks interleaved across
-/// sequences as a busy cache would leave them.
-fn setup(ctx: &GpuContext, batch: usize, cached: usize, new: usize) -> Result<Setup> {
+/// sequences as a busy cache would leave them (or consecutive per sequence).
+fn setup(ctx: &GpuContext, batch: usize, cached: usize, new: usize, contiguous: bool) -> Result<Setup> {
     let per_seq = (cached + new).div_ceil(BLOCK);
     let num_blocks = batch * per_seq;
+    let block = |b: usize, i: usize| if contiguous { b * per_seq + i } else { i * batch + b };
     let tables: Vec<Vec<u32>> = (0..batch)
-        .map(|b| (0..per_seq).map(|i| (i * batch + b) as u32).collect())
+        .map(|b| (0..per_seq).map(|i| block(b, i) as u32).collect())
         .collect();
     let seqs: Vec<SeqSlice> = tables
         .iter()
@@ -80,7 +84,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     println!("{:>6} {:>8} {:>10} {:>8} {:>11} {:>10} {:>7}", "batch", "context", "tokens", "splits", "time us", "KV GB/s", "%copy");
     for &b in &args.batches {
         for &c in &args.contexts {
-            let s = setup(&ctx, b, c - 1, 1)?;
+            let s = setup(&ctx, b, c - 1, 1, args.contiguous)?;
             let layer = &s.cache.layers[0];
             let t = time_reps(&ctx, args.reps, |st, _| {
                 attention::attention(st, &fused, &s.qkv, &s.meta, layer, SHAPE, scale, &s.out)
@@ -101,7 +105,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     println!();
     println!("{:>8} {:>11} {:>9}", "prompt", "time us", "TFLOP/s");
     for &l in &args.prefill {
-        let s = setup(&ctx, 1, 0, l)?;
+        let s = setup(&ctx, 1, 0, l, args.contiguous)?;
         let layer = &s.cache.layers[0];
         let t = time_reps(&ctx, args.reps, |st, _| {
             attention::attention(st, &fused, &s.qkv, &s.meta, layer, SHAPE, scale, &s.out)

@@ -18,8 +18,8 @@ const REFERENCE: &str = wgsl!("attention_ref.wgsl");
 /// Workgroups a step should offer the GPU; fewer (token, kv head) pairs than this split
 /// long contexts into partitions (flash-decoding), each its own workgroup.
 const TARGET_GROUPS: usize = 1024;
-/// The shortest partition worth a split (two chunks of the kernel).
-const MIN_PARTITION: usize = 256;
+/// The shortest partition: one 128-position chunk of the kernel.
+const MIN_PARTITION: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {

@@ -50,6 +50,11 @@ var<workgroup> row_base: array<u32, CHUNK>;
 // Per-subgroup partial maxima and sums of each head (at most 32 subgroups of 4+).
 var<workgroup> red_max: array<f32, 32u * G>;
 var<workgroup> red_sum: array<f32, 32u * G>;
+// Running max and sum of every head, and the rescale of the current chunk (kept in
+// workgroup memory rather than G registers per invocation, for occupancy).
+var<workgroup> m_run: array<f32, G>;
+var<workgroup> l_run: array<f32, G>;
+var<workgroup> alpha: array<f32, G>;
 
 @compute @workgroup_size(WG)
 fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -84,12 +89,12 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     let per_pass = nsg * (sg_size / lpp);
     let my_pos = sg * (sg_size / lpp) + lane / lpp;
 
-    var m_run: array<f32, G>;
-    var l_run: array<f32, G>;
+    if li < G {
+        m_run[li] = NEG_INF;
+        l_run[li] = 0.0;
+    }
     var acc: array<vec4<f32>, G>;
     for (var g = 0u; g < G; g++) {
-        m_run[g] = NEG_INF;
-        l_run[g] = 0.0;
         acc[g] = vec4<f32>(0.0);
     }
     let grp = li / QUADS;
@@ -149,17 +154,19 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
             }
         }
         workgroupBarrier();
-        var alpha: array<f32, G>;
-        for (var g = 0u; g < G; g++) {
-            var mx = m_run[g];
+        if li < G {
+            var mx = m_run[li];
             for (var k = 0u; k < nsg; k++) {
-                mx = max(mx, red_max[k * G + g]);
+                mx = max(mx, red_max[k * G + li]);
             }
-            alpha[g] = exp(m_run[g] - mx);
-            m_run[g] = mx;
+            alpha[li] = exp(m_run[li] - mx);
+            m_run[li] = mx;
+        }
+        workgroupBarrier();
+        for (var g = 0u; g < G; g++) {
             var e = 0.0;
             if li < n {
-                e = exp(probs[g * CHUNK + li] - mx);
+                e = exp(probs[g * CHUNK + li] - m_run[g]);
                 probs[g * CHUNK + li] = e;
             }
             let sum = subgroupAdd(e);
@@ -168,12 +175,12 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
             }
         }
         workgroupBarrier();
-        for (var g = 0u; g < G; g++) {
+        if li < G {
             var sum = 0.0;
             for (var k = 0u; k < nsg; k++) {
-                sum += red_sum[k * G + g];
+                sum += red_sum[k * G + li];
             }
-            l_run[g] = l_run[g] * alpha[g] + sum;
+            l_run[li] = l_run[li] * alpha[li] + sum;
         }
 
         if active_v {
