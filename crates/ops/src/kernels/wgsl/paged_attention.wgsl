@@ -2,10 +2,8 @@
 // token, kv head, split): the G = hq / hkv query heads that share the kv head read each
 // K/V row once. Query token t sees cache positions [0, ctx[t]) of sequence seq[t] (causal
 // prefill gives each of its tokens its own ctx), walked CHUNK = 128 positions at a time:
-//   scores: L lanes of a subgroup share one position (L a power of two <= D / 8 and <= the
-//           subgroup size), each reading 128-bit pieces of its K row so a subgroup's loads
-//           are contiguous, dotting them with the G scaled queries in workgroup memory, and
-//           summing across the L lanes with shuffles;
+//   scores: invocation j takes position c + j and dots its K row (128-bit loads) with the
+//           G scaled queries in workgroup memory (broadcast reads);
 //   softmax: invocation j takes position j of the chunk: subgroup max / sum per head,
 //           combined across subgroups; every invocation keeps the running max and sum of
 //           every head (online softmax);
@@ -59,8 +57,7 @@ var<workgroup> alpha: array<f32, G>;
 @compute @workgroup_size(WG)
 fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
-                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32,
-                   @builtin(subgroup_size) sg_size: u32) {
+                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
     let flat = flat_group(wg, nwg);
     if flat >= p.t * p.hkv * p.splits {
         return;
@@ -79,16 +76,6 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         let b = qrow + 4u * i;
         q4[i] = vec4<f32>(qkv[b], qkv[b + 1u], qkv[b + 2u], qkv[b + 3u]) * p.scale;
     }
-    // Lanes per position in the score phase, and this lane's place.
-    var lpp = 1u;
-    while lpp * 2u <= min(D / 8u, sg_size) {
-        lpp *= 2u;
-    }
-    let sub = lane % lpp;
-    // Positions the whole workgroup scores per pass (full subgroups: WG = nsg * sg_size).
-    let per_pass = nsg * (sg_size / lpp);
-    let my_pos = sg * (sg_size / lpp) + lane / lpp;
-
     if li < G {
         m_run[li] = NEG_INF;
         l_run[li] = 0.0;
@@ -110,34 +97,25 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         }
         workgroupBarrier();
 
-        // Scores: lpp lanes per position, contiguous 128-bit K loads.
-        for (var j0 = 0u; j0 < n; j0 += per_pass) {
-            let j = j0 + my_pos;
-            let valid = j < n;
+        // Scores: invocation li dots the K row of position li with the G scaled queries
+        // (broadcast reads of workgroup memory).
+        if li < n {
+            let base = row_base[li] / 8u;
             var s: array<f32, G>;
             for (var g = 0u; g < G; g++) {
                 s[g] = 0.0;
             }
-            if valid {
-                let base = row_base[j] / 8u;
-                for (var i = sub; i < D / 8u; i += lpp) {
-                    let kv = k_cache[base + i];
-                    let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
-                    let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
-                    for (var g = 0u; g < G; g++) {
-                        let q = (g * D) / 4u + 2u * i;
-                        s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
-                    }
+            for (var i = 0u; i < D / 8u; i++) {
+                let kv = k_cache[base + i];
+                let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
+                let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
+                for (var g = 0u; g < G; g++) {
+                    let q = (g * D) / 4u + 2u * i;
+                    s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
                 }
             }
             for (var g = 0u; g < G; g++) {
-                var v = s[g];
-                for (var m = lpp / 2u; m > 0u; m /= 2u) {
-                    v += subgroupShuffleXor(v, m);
-                }
-                if valid && sub == 0u {
-                    probs[g * CHUNK + j] = v;
-                }
+                probs[g * CHUNK + li] = s[g];
             }
         }
         workgroupBarrier();
