@@ -153,9 +153,17 @@ mod tests {
             weights_bytes: 31 << 30,
             activation_bytes: 1 << 30,
         };
-        let e = plan_num_blocks(&spec(), &budget, 32768, 2 << 30).unwrap_err().to_string();
-        assert!(e.contains("max_model_len=32768") && e.contains("gpu_memory_utilization"), "{e}");
-        let bad = KvBudget { utilization: 1.5, ..budget };
+        let e = plan_num_blocks(&spec(), &budget, 32768, 2 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_model_len=32768") && e.contains("gpu_memory_utilization"),
+            "{e}"
+        );
+        let bad = KvBudget {
+            utilization: 1.5,
+            ..budget
+        };
         assert!(plan_num_blocks(&spec(), &bad, 16, 2 << 30).is_err());
     }
 

@@ -133,7 +133,12 @@ impl<'c> Step<'c> {
         let limit = self.ctx.max_binding_bytes();
         if let Some((_, t)) = bindings.iter().find(|(_, t)| t.nbytes() > limit) {
             return Err(OpsError::TooLarge {
-                what: format!("a {:?} {} binding of {}", t.shape(), t.dtype(), kernel.entry),
+                what: format!(
+                    "a {:?} {} binding of {}",
+                    t.shape(),
+                    t.dtype(),
+                    kernel.entry
+                ),
                 needed: t.nbytes(),
                 limit,
                 hint: "split the work (smaller batch or chunk) so each buffer fits one binding",
@@ -201,9 +206,13 @@ impl<'c> Step<'c> {
         self.pass = None;
         let enc = self
             .encoder
-            .replace(self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            }))
+            .replace(
+                self.ctx
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("step"),
+                    }),
+            )
             .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
         self.ctx.queue.submit([enc.finish()]);
         let keep = std::mem::take(&mut self.keep);

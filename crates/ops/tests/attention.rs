@@ -8,7 +8,9 @@ mod common;
 use common::*;
 
 use rand::seq::SliceRandom;
-use vllm_apple_ops::kernels::attention::{self, AttentionOptions, AttnShape, HostMetadata, SeqSlice};
+use vllm_apple_ops::kernels::attention::{
+    self, AttentionOptions, AttnShape, HostMetadata, SeqSlice,
+};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::{DType, Step};
 
@@ -29,12 +31,22 @@ fn all_options() -> Vec<AttentionOptions> {
     let mut v = Vec::new();
     for paged in [true, false] {
         for fused_kv in [true, false] {
-            v.push(AttentionOptions { paged, fused_kv, partition: None });
+            v.push(AttentionOptions {
+                paged,
+                fused_kv,
+                partition: None,
+            });
         }
     }
     // Split-K forced on short contexts, and forced off.
-    v.push(AttentionOptions { partition: Some(64), ..Default::default() });
-    v.push(AttentionOptions { partition: Some(1 << 20), ..Default::default() });
+    v.push(AttentionOptions {
+        partition: Some(64),
+        ..Default::default()
+    });
+    v.push(AttentionOptions {
+        partition: Some(1 << 20),
+        ..Default::default()
+    });
     v
 }
 
@@ -57,7 +69,12 @@ fn run(case: &Case, options: &[AttentionOptions]) {
     }
     let row = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let spec = KvCacheSpec { num_layers: 1, kv_heads: s.kv_heads, head_dim: s.head_dim, block_size: bs };
+    let spec = KvCacheSpec {
+        num_layers: 1,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        block_size: bs,
+    };
 
     // The history: every sequence's cached tokens written by one batched KV write.
     let hist: Vec<SeqSlice> = case
@@ -65,7 +82,11 @@ fn run(case: &Case, options: &[AttentionOptions]) {
         .iter()
         .zip(&tables)
         .filter(|((c, _), _)| *c > 0)
-        .map(|((c, _), t)| SeqSlice { block_table: t, num_cached: 0, num_new: *c })
+        .map(|((c, _), t)| SeqSlice {
+            block_table: t,
+            num_cached: 0,
+            num_new: *c,
+        })
         .collect();
     let hist_meta = HostMetadata::build(&hist, bs, 0).unwrap();
     let hist_qkv = randn(&mut r, hist_meta.positions.len() * row, 1.0);
@@ -74,7 +95,11 @@ fn run(case: &Case, options: &[AttentionOptions]) {
         .seqs
         .iter()
         .zip(&tables)
-        .map(|((c, n), t)| SeqSlice { block_table: t, num_cached: *c, num_new: *n })
+        .map(|((c, n), t)| SeqSlice {
+            block_table: t,
+            num_cached: *c,
+            num_new: *n,
+        })
         .collect();
     let n_real: usize = case.seqs.iter().map(|(_, n)| n).sum();
     let meta = HostMetadata::build(&step_seqs, bs, n_real + case.pad).unwrap();
@@ -89,7 +114,9 @@ fn run(case: &Case, options: &[AttentionOptions]) {
         layer.v.poison(ctx);
         if !hist.is_empty() {
             let hm = hist_meta.upload(ctx, bs).unwrap();
-            let hq = ctx.upload_f32(&[hist_meta.positions.len(), row], DType::F32, &hist_qkv).unwrap();
+            let hq = ctx
+                .upload_f32(&[hist_meta.positions.len(), row], DType::F32, &hist_qkv)
+                .unwrap();
             let mut st = Step::new(ctx);
             attention::write_kv(&mut st, &hq, &hm, layer, s).unwrap();
             st.submit_and_wait().unwrap();
@@ -116,16 +143,32 @@ fn run(case: &Case, options: &[AttentionOptions]) {
                 let at = ((blk * s.kv_heads + h) * bs + off) * d;
                 let k_src = &qkv[tok * row + (s.q_heads + h) * d..][..d];
                 let v_src = &qkv[tok * row + (s.q_heads + s.kv_heads + h) * d..][..d];
-                assert_eq!(&kc[at..at + d], &DType::F16.round_trip(k_src)[..], "K of token {tok} head {h}");
-                assert_eq!(&vc[at..at + d], &DType::F16.round_trip(v_src)[..], "V of token {tok} head {h}");
+                assert_eq!(
+                    &kc[at..at + d],
+                    &DType::F16.round_trip(k_src)[..],
+                    "K of token {tok} head {h}"
+                );
+                assert_eq!(
+                    &vc[at..at + d],
+                    &DType::F16.round_trip(v_src)[..],
+                    "V of token {tok} head {h}"
+                );
             }
         }
         let want = attention::cpu::attention(&qkv, &kc, &vc, &meta, s, bs, scale);
-        assert_close(&format!("attention {s:?} bs={bs} seqs={:?} {opts:?}", case.seqs), &got, &want, TOL);
+        assert_close(
+            &format!("attention {s:?} bs={bs} seqs={:?} {opts:?}", case.seqs),
+            &got,
+            &want,
+            TOL,
+        );
         for (tok, c) in meta.ctx_of.iter().enumerate() {
             if *c == 0 {
                 let o = &got[tok * s.q_heads * d..(tok + 1) * s.q_heads * d];
-                assert!(o.iter().all(|x| *x == 0.0), "padding token {tok} must give zeros");
+                assert!(
+                    o.iter().all(|x| *x == 0.0),
+                    "padding token {tok} must give zeros"
+                );
             }
         }
         match &first {
@@ -139,7 +182,11 @@ fn run(case: &Case, options: &[AttentionOptions]) {
 fn decode_batch_gqa8_head128_across_block_boundaries() {
     run(
         &Case {
-            shape: AttnShape { q_heads: 32, kv_heads: 4, head_dim: 128 },
+            shape: AttnShape {
+                q_heads: 32,
+                kv_heads: 4,
+                head_dim: 128,
+            },
             block_size: 16,
             seqs: vec![(0, 1), (14, 1), (15, 1), (16, 1), (299, 1)],
             pad: 2,
@@ -153,7 +200,11 @@ fn decode_batch_gqa8_head128_across_block_boundaries() {
 fn mixed_prefill_chunks_and_decodes_gqa4_head64() {
     run(
         &Case {
-            shape: AttnShape { q_heads: 8, kv_heads: 2, head_dim: 64 },
+            shape: AttnShape {
+                q_heads: 8,
+                kv_heads: 2,
+                head_dim: 64,
+            },
             block_size: 16,
             seqs: vec![(0, 37), (20, 13), (50, 1), (33, 2)],
             pad: 3,
@@ -167,7 +218,11 @@ fn mixed_prefill_chunks_and_decodes_gqa4_head64() {
 fn mha_head96_small_blocks() {
     run(
         &Case {
-            shape: AttnShape { q_heads: 3, kv_heads: 3, head_dim: 96 },
+            shape: AttnShape {
+                q_heads: 3,
+                kv_heads: 3,
+                head_dim: 96,
+            },
             block_size: 8,
             seqs: vec![(5, 3), (0, 1), (130, 1)],
             pad: 0,
@@ -181,7 +236,11 @@ fn mha_head96_small_blocks() {
 fn gqa16_head256_with_prefill_at_offset() {
     run(
         &Case {
-            shape: AttnShape { q_heads: 16, kv_heads: 1, head_dim: 256 },
+            shape: AttnShape {
+                q_heads: 16,
+                kv_heads: 1,
+                head_dim: 256,
+            },
             block_size: 16,
             seqs: vec![(100, 1), (7, 20)],
             pad: 1,
@@ -194,11 +253,21 @@ fn gqa16_head256_with_prefill_at_offset() {
 #[test]
 fn long_context_decode_split_and_single_pass_agree() {
     let split = AttentionOptions::default(); // 2 tokens x 4 kv heads: split into partitions
-    let single = AttentionOptions { partition: Some(1 << 20), ..Default::default() };
-    let reference = AttentionOptions { paged: false, ..Default::default() };
+    let single = AttentionOptions {
+        partition: Some(1 << 20),
+        ..Default::default()
+    };
+    let reference = AttentionOptions {
+        paged: false,
+        ..Default::default()
+    };
     run(
         &Case {
-            shape: AttnShape { q_heads: 32, kv_heads: 4, head_dim: 128 },
+            shape: AttnShape {
+                q_heads: 32,
+                kv_heads: 4,
+                head_dim: 128,
+            },
             block_size: 16,
             seqs: vec![(2047, 1), (1000, 1)],
             pad: 0,
@@ -212,7 +281,11 @@ fn long_context_decode_split_and_single_pass_agree() {
 fn prefill_of_2048_tokens() {
     run(
         &Case {
-            shape: AttnShape { q_heads: 4, kv_heads: 1, head_dim: 64 },
+            shape: AttnShape {
+                q_heads: 4,
+                kv_heads: 1,
+                head_dim: 64,
+            },
             block_size: 16,
             seqs: vec![(0, 2048)],
             pad: 0,
@@ -228,7 +301,9 @@ fn switches_parse_like_vllm() {
     assert!(parse_flag("VLLM_METAL_ATTENTION", None, true).unwrap());
     assert!(!parse_flag("VLLM_METAL_FUSED_KV", Some("0"), true).unwrap());
     assert!(parse_flag("VLLM_METAL_FUSED_KV", Some("true"), false).unwrap());
-    let e = parse_flag("VLLM_METAL_ATTENTION", Some("maybe"), true).unwrap_err().to_string();
+    let e = parse_flag("VLLM_METAL_ATTENTION", Some("maybe"), true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("VLLM_METAL_ATTENTION"), "{e}");
 }
 
@@ -236,14 +311,44 @@ fn switches_parse_like_vllm() {
 fn bad_shapes_and_short_tables_are_errors() {
     let ctx = ctx();
     let table = [0u32];
-    let e = HostMetadata::build(&[SeqSlice { block_table: &table, num_cached: 10, num_new: 10 }], 16, 0);
+    let e = HostMetadata::build(
+        &[SeqSlice {
+            block_table: &table,
+            num_cached: 10,
+            num_new: 10,
+        }],
+        16,
+        0,
+    );
     assert!(e.unwrap_err().to_string().contains("need 2 blocks"));
-    let s = AttnShape { q_heads: 6, kv_heads: 4, head_dim: 128 };
-    let cache = KvCache::new(ctx, KvCacheSpec { num_layers: 1, kv_heads: 4, head_dim: 128, block_size: 16 }, 2).unwrap();
-    let meta = HostMetadata::build(&[SeqSlice { block_table: &table, num_cached: 0, num_new: 1 }], 16, 0)
-        .unwrap()
-        .upload(ctx, 16)
-        .unwrap();
+    let s = AttnShape {
+        q_heads: 6,
+        kv_heads: 4,
+        head_dim: 128,
+    };
+    let cache = KvCache::new(
+        ctx,
+        KvCacheSpec {
+            num_layers: 1,
+            kv_heads: 4,
+            head_dim: 128,
+            block_size: 16,
+        },
+        2,
+    )
+    .unwrap();
+    let meta = HostMetadata::build(
+        &[SeqSlice {
+            block_table: &table,
+            num_cached: 0,
+            num_new: 1,
+        }],
+        16,
+        0,
+    )
+    .unwrap()
+    .upload(ctx, 16)
+    .unwrap();
     let qkv = ctx.empty(&[1, (6 + 8) * 128], DType::F32).unwrap();
     let mut st = Step::new(ctx);
     assert!(attention::write_kv(&mut st, &qkv, &meta, &cache.layers[0], s).is_err());

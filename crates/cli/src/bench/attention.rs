@@ -4,7 +4,9 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use vllm_apple_ops::kernels::attention::{self, AttentionOptions, AttnShape, HostMetadata, SeqSlice};
+use vllm_apple_ops::kernels::attention::{
+    self, AttentionOptions, AttnShape, HostMetadata, SeqSlice,
+};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext};
 
@@ -29,7 +31,11 @@ pub struct Args {
     contiguous: bool,
 }
 
-const SHAPE: AttnShape = AttnShape { q_heads: 32, kv_heads: 4, head_dim: 128 };
+const SHAPE: AttnShape = AttnShape {
+    q_heads: 32,
+    kv_heads: 4,
+    head_dim: 128,
+};
 const BLOCK: usize = 16;
 
 struct Setup {
@@ -42,20 +48,41 @@ struct Setup {
 
 /// `batch` sequences of `cached` cached tokens and `new` new ones, blocks interleaved across
 /// sequences as a busy cache would leave them (or consecutive per sequence).
-fn setup(ctx: &GpuContext, batch: usize, cached: usize, new: usize, contiguous: bool) -> Result<Setup> {
+fn setup(
+    ctx: &GpuContext,
+    batch: usize,
+    cached: usize,
+    new: usize,
+    contiguous: bool,
+) -> Result<Setup> {
     let per_seq = (cached + new).div_ceil(BLOCK);
     let num_blocks = batch * per_seq;
-    let block = |b: usize, i: usize| if contiguous { b * per_seq + i } else { i * batch + b };
+    let block = |b: usize, i: usize| {
+        if contiguous {
+            b * per_seq + i
+        } else {
+            i * batch + b
+        }
+    };
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| (0..per_seq).map(|i| block(b, i) as u32).collect())
         .collect();
     let seqs: Vec<SeqSlice> = tables
         .iter()
-        .map(|t| SeqSlice { block_table: t, num_cached: cached, num_new: new })
+        .map(|t| SeqSlice {
+            block_table: t,
+            num_cached: cached,
+            num_new: new,
+        })
         .collect();
     let host = HostMetadata::build(&seqs, BLOCK, 0)?;
     let meta = host.upload(ctx, BLOCK)?;
-    let spec = KvCacheSpec { num_layers: 1, kv_heads: SHAPE.kv_heads, head_dim: SHAPE.head_dim, block_size: BLOCK };
+    let spec = KvCacheSpec {
+        num_layers: 1,
+        kv_heads: SHAPE.kv_heads,
+        head_dim: SHAPE.head_dim,
+        block_size: BLOCK,
+    };
     let cache = KvCache::new(ctx, spec, num_blocks)?;
     let t = meta.num_tokens;
     let row = (SHAPE.q_heads + 2 * SHAPE.kv_heads) * SHAPE.head_dim;
@@ -65,23 +92,42 @@ fn setup(ctx: &GpuContext, batch: usize, cached: usize, new: usize, contiguous: 
         Some(p) => meta.max_ctx.div_ceil(p),
         None => 1,
     };
-    Ok(Setup { cache, meta, qkv, out, splits })
+    Ok(Setup {
+        cache,
+        meta,
+        qkv,
+        out,
+        splits,
+    })
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
-    if args.reps == 0 || args.batches.contains(&0) || args.contexts.contains(&0) || args.prefill.contains(&0) {
+    if args.reps == 0
+        || args.batches.contains(&0)
+        || args.contexts.contains(&0)
+        || args.prefill.contains(&0)
+    {
         bail!("--reps, --batches, --contexts and --prefill must be positive");
     }
     let ctx = GpuContext::new(opts)?;
     let copy_bw = copy_kernel_bandwidth(&ctx, 256 << 20, args.reps)?;
-    println!("device: {} ({:?}), subgroup {}..{}", ctx.info.name, ctx.info.backend, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size);
-    println!("copy kernel bandwidth: {:.1} GB/s (the roofline for %copy)", copy_bw / 1e9);
+    println!(
+        "device: {} ({:?}), subgroup {}..{}",
+        ctx.info.name, ctx.info.backend, ctx.info.subgroup_min_size, ctx.info.subgroup_max_size
+    );
+    println!(
+        "copy kernel bandwidth: {:.1} GB/s (the roofline for %copy)",
+        copy_bw / 1e9
+    );
     println!("shape: {} q heads, {} kv heads, head_dim {}, block {BLOCK}, f16 cache; KV write + attention per step", SHAPE.q_heads, SHAPE.kv_heads, SHAPE.head_dim);
     let fused = AttentionOptions::default();
     let scale = 1.0 / (SHAPE.head_dim as f32).sqrt();
 
     println!();
-    println!("{:>6} {:>8} {:>10} {:>8} {:>11} {:>10} {:>7}", "batch", "context", "tokens", "splits", "time us", "KV GB/s", "%copy");
+    println!(
+        "{:>6} {:>8} {:>10} {:>8} {:>11} {:>10} {:>7}",
+        "batch", "context", "tokens", "splits", "time us", "KV GB/s", "%copy"
+    );
     for &b in &args.batches {
         for &c in &args.contexts {
             let s = setup(&ctx, b, c - 1, 1, args.contiguous)?;

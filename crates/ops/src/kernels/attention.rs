@@ -38,11 +38,17 @@ impl AttnShape {
         if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 || !(1..=16).contains(&g) {
             return Err(shape_err(
                 "attention",
-                format!("{} query heads per {} kv heads: need 1..=16 per kv head", self.q_heads, self.kv_heads),
+                format!(
+                    "{} query heads per {} kv heads: need 1..=16 per kv head",
+                    self.q_heads, self.kv_heads
+                ),
             ));
         }
         if !matches!(self.head_dim, 64 | 96 | 128 | 256) {
-            return Err(shape_err("attention", format!("head_dim {} (supported: 64, 96, 128, 256)", self.head_dim)));
+            return Err(shape_err(
+                "attention",
+                format!("head_dim {} (supported: 64, 96, 128, 256)", self.head_dim),
+            ));
         }
         Ok(())
     }
@@ -145,7 +151,12 @@ impl HostMetadata {
         if block_size == 0 {
             return Err(OpsError::Config("block_size must be positive".into()));
         }
-        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut m = HostMetadata {
             max_blocks,
             ..Default::default()
@@ -168,7 +179,8 @@ impl HostMetadata {
             m.seq_lens.push(total as u32);
             for pos in s.num_cached..total {
                 let slot = s.block_table[pos / block_size] as usize * block_size + pos % block_size;
-                let slot = i32::try_from(slot).map_err(|_| shape_err("attention metadata", "slot beyond i32"))?;
+                let slot = i32::try_from(slot)
+                    .map_err(|_| shape_err("attention metadata", "slot beyond i32"))?;
                 m.positions.push(pos as u32);
                 m.slot_mapping.push(slot);
                 m.seq_of.push(b as u32);
@@ -222,17 +234,30 @@ fn check_inputs(qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape
     )?;
     expect_dtype("attention", &cache.k, DType::F16)?;
     let shape = cache.k.shape();
-    if shape.len() != 4 || shape[1] != s.kv_heads || shape[2] != meta.block_size || shape[3] != s.head_dim {
+    if shape.len() != 4
+        || shape[1] != s.kv_heads
+        || shape[2] != meta.block_size
+        || shape[3] != s.head_dim
+    {
         return Err(shape_err(
             "attention",
-            format!("cache {:?} does not match {s:?} with block size {}", shape, meta.block_size),
+            format!(
+                "cache {:?} does not match {s:?} with block size {}",
+                shape, meta.block_size
+            ),
         ));
     }
     Ok(())
 }
 
 /// Writes the new tokens' K and V (from the rotated QKV rows) into the cache: one dispatch.
-pub fn write_kv(step: &mut Step, qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape) -> Result<()> {
+pub fn write_kv(
+    step: &mut Step,
+    qkv: &Tensor,
+    meta: &AttnMetadata,
+    cache: &LayerKv,
+    s: AttnShape,
+) -> Result<()> {
     check_inputs(qkv, meta, cache, s)?;
     let k = Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write");
     let params = [
@@ -243,7 +268,12 @@ pub fn write_kv(step: &mut Step, qkv: &Tensor, meta: &AttnMetadata, cache: &Laye
         meta.block_size as u32,
     ];
     let n = meta.num_tokens * s.kv_heads * s.head_dim / 2;
-    step.dispatch(&k, &[qkv, &meta.slot_mapping, &cache.k, &cache.v], &params, grid(step.ctx, n.div_ceil(256)))
+    step.dispatch(
+        &k,
+        &[qkv, &meta.slot_mapping, &cache.k, &cache.v],
+        &params,
+        grid(step.ctx, n.div_ceil(256)),
+    )
 }
 
 fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
@@ -266,7 +296,11 @@ fn reference_kernel(entry: &'static str) -> Kernel {
 pub(crate) fn variants() -> Vec<Kernel> {
     let mut v = vec![Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write")];
     for (q, kv, d) in [(4, 4, 64), (32, 4, 128), (16, 1, 256), (8, 2, 96)] {
-        let s = AttnShape { q_heads: q, kv_heads: kv, head_dim: d };
+        let s = AttnShape {
+            q_heads: q,
+            kv_heads: kv,
+            head_dim: d,
+        };
         v.push(paged_kernel(s, false));
         v.push(paged_kernel(s, true));
         v.push(reduce_kernel(s));
@@ -288,7 +322,11 @@ pub fn plan_partition(opts: &AttentionOptions, meta: &AttnMetadata, s: AttnShape
         return None;
     }
     let splits = TARGET_GROUPS.div_ceil(groups);
-    let part = meta.max_ctx.div_ceil(splits).max(MIN_PARTITION).next_multiple_of(128);
+    let part = meta
+        .max_ctx
+        .div_ceil(splits)
+        .max(MIN_PARTITION)
+        .next_multiple_of(128);
     (part < meta.max_ctx).then_some(part)
 }
 
@@ -307,7 +345,12 @@ pub fn attend(
 ) -> Result<()> {
     check_inputs(qkv, meta, cache, s)?;
     expect_dtype("attention", out, DType::F32)?;
-    expect_len("attention", "out", out, meta.num_tokens * s.q_heads * s.head_dim)?;
+    expect_len(
+        "attention",
+        "out",
+        out,
+        meta.num_tokens * s.q_heads * s.head_dim,
+    )?;
     if !opts.paged {
         return attend_reference(step, qkv, meta, cache, s, scale, out);
     }
@@ -327,19 +370,35 @@ pub fn attend(
         splits as u32,
     ];
     let groups = grid(step.ctx, t * s.kv_heads * splits);
-    let inputs = [qkv, &meta.seq_of, &meta.ctx_of, &meta.block_tables, &cache.k, &cache.v];
+    let inputs = [
+        qkv,
+        &meta.seq_of,
+        &meta.ctx_of,
+        &meta.block_tables,
+        &cache.k,
+        &cache.v,
+    ];
     if splits == 1 {
         let dummy = step.ctx.dummy()?.clone();
         let b: Vec<&Tensor> = inputs.iter().copied().chain([out, &dummy]).collect();
         return step.dispatch(&paged_kernel(s, false), &b, &params, groups);
     }
     let g = s.group();
-    let part = step.ctx.empty(&[t * s.kv_heads * splits, g * s.head_dim], DType::F32)?;
-    let ml = step.ctx.empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
+    let part = step
+        .ctx
+        .empty(&[t * s.kv_heads * splits, g * s.head_dim], DType::F32)?;
+    let ml = step
+        .ctx
+        .empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
     let b: Vec<&Tensor> = inputs.iter().copied().chain([&part, &ml]).collect();
     step.dispatch(&paged_kernel(s, true), &b, &params, groups)?;
     let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
-    step.dispatch(&reduce_kernel(s), &[&part, &ml, out], &rparams, grid(step.ctx, t * s.kv_heads))
+    step.dispatch(
+        &reduce_kernel(s),
+        &[&part, &ml, out],
+        &rparams,
+        grid(step.ctx, t * s.kv_heads),
+    )
 }
 
 fn attend_reference(
@@ -370,14 +429,27 @@ fn attend_reference(
     let n = b * mc * s.kv_heads * s.head_dim / 2;
     step.dispatch_at(
         &reference_kernel("gather_kv"),
-        &[(0, &meta.seq_lens), (1, &meta.block_tables), (2, &cache.k), (3, &cache.v), (4, &kc), (5, &vc)],
+        &[
+            (0, &meta.seq_lens),
+            (1, &meta.block_tables),
+            (2, &cache.k),
+            (3, &cache.v),
+            (4, &kc),
+            (5, &vc),
+        ],
         &params,
         grid(ctx, n.div_ceil(256)),
     )?;
     let n = t * s.q_heads * mc;
     step.dispatch_at(
         &reference_kernel("naive_scores"),
-        &[(4, &kc), (6, qkv), (7, &meta.seq_of), (8, &meta.ctx_of), (9, &scores)],
+        &[
+            (4, &kc),
+            (6, qkv),
+            (7, &meta.seq_of),
+            (8, &meta.ctx_of),
+            (9, &scores),
+        ],
         &params,
         grid(ctx, n.div_ceil(256)),
     )?;
@@ -385,7 +457,13 @@ fn attend_reference(
     let n = t * s.q_heads * s.head_dim;
     step.dispatch_at(
         &reference_kernel("naive_av"),
-        &[(5, &vc), (7, &meta.seq_of), (8, &meta.ctx_of), (9, &scores), (10, out)],
+        &[
+            (5, &vc),
+            (7, &meta.seq_of),
+            (8, &meta.ctx_of),
+            (9, &scores),
+            (10, out),
+        ],
         &params,
         grid(ctx, n.div_ceil(256)),
     )
@@ -441,18 +519,27 @@ pub mod cpu {
             for head in 0..hq {
                 let h = head / g;
                 let q = &qkv[t * row + head * d..t * row + (head + 1) * d];
-                let at = |pos: usize| ((table[pos / block_size] as usize * hkv + h) * block_size + pos % block_size) * d;
+                let at = |pos: usize| {
+                    ((table[pos / block_size] as usize * hkv + h) * block_size + pos % block_size)
+                        * d
+                };
                 let scores: Vec<f64> = (0..n)
                     .map(|pos| {
                         let k = &k_cache[at(pos)..at(pos) + d];
-                        q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale as f64
                     })
                     .collect();
                 let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let w: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
                 let sum: f64 = w.iter().sum();
                 for dd in 0..d {
-                    let v: f64 = (0..n).map(|pos| w[pos] * v_cache[at(pos) + dd] as f64).sum();
+                    let v: f64 = (0..n)
+                        .map(|pos| w[pos] * v_cache[at(pos) + dd] as f64)
+                        .sum();
                     out[(t * hq + head) * d + dd] = (v / sum) as f32;
                 }
             }

@@ -2,8 +2,8 @@
 //! records the dispatch, and `cpu`, the plain-Rust reference the tests compare against.
 
 pub mod activation;
-pub mod attention;
 pub mod argmax;
+pub mod attention;
 pub mod copy;
 pub mod embedding;
 pub mod matmul;
