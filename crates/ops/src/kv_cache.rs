@@ -52,7 +52,7 @@ pub fn plan_num_blocks(
             budget.utilization
         )));
     }
-    if spec.block_size == 0 || spec.head_dim % 8 != 0 || spec.kv_heads == 0 {
+    if spec.block_size == 0 || !spec.head_dim.is_multiple_of(8) || spec.kv_heads == 0 {
         return Err(OpsError::Config(format!(
             "KV cache needs block_size > 0, kv_heads > 0 and head_dim % 8 == 0: {spec:?}"
         )));

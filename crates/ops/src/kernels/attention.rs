@@ -35,7 +35,10 @@ impl AttnShape {
 
     fn check(&self) -> Result<()> {
         let g = self.group();
-        if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 || !(1..=16).contains(&g) {
+        if self.kv_heads == 0
+            || !self.q_heads.is_multiple_of(self.kv_heads)
+            || !(1..=16).contains(&g)
+        {
             return Err(shape_err(
                 "attention",
                 format!(
