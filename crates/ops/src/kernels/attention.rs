@@ -283,7 +283,6 @@ fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
     Kernel::new("paged_attention.wgsl", PAGED, "paged_attention")
         .u32("G", s.group() as u32)
         .u32("D", s.head_dim as u32)
-        .u32("CHUNK", if s.group() <= 8 { 256 } else { 128 })
         .bool("SPLIT", split)
 }
 

@@ -1,9 +1,9 @@
 // Paged attention for any mix of prefill and decode tokens. One workgroup per (query
 // token, kv head, split): the G = hq / hkv query heads that share the kv head read each
 // K/V row once. Query token t sees cache positions [0, ctx[t]) of sequence seq[t] (causal
-// prefill gives each of its tokens its own ctx), walked CHUNK (128 or 256) positions at a time:
-//   scores: invocation j takes positions c + j (+ 128) and dots their K rows (128-bit loads)
-//           with the G scaled queries in workgroup memory (broadcast reads);
+// prefill gives each of its tokens its own ctx), walked CHUNK = 128 positions at a time:
+//   scores: invocation j takes position c + j and dots its K row (128-bit loads) with the
+//           G scaled queries in workgroup memory (broadcast reads);
 //   softmax: invocation j takes position j of the chunk: subgroup max / sum per head,
 //           combined across subgroups; every invocation keeps the running max and sum of
 //           every head (online softmax);
@@ -12,7 +12,7 @@
 // SPLIT: the workgroup covers positions [split * part_len, ...) and leaves unnormalised
 // sums and (max, sum) for `attention_reduce` (flash-decoding); otherwise it writes the
 // normalised output. ctx[t] == 0 (a padding token) writes zeros.
-// Prelude: G, D, CHUNK, SPLIT.
+// Prelude: G, D, SPLIT.
 struct Params {
     t: u32,
     hq: u32,
@@ -35,9 +35,7 @@ var<immediate> p: Params;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
 
 const WG: u32 = 128u;
-// Positions per chunk (CHUNK, from the prelude: 256, or 128 when G > 8 to stay within
-// 32 KiB of workgroup memory) and per invocation in the score phase.
-const PPT: u32 = CHUNK / WG;
+const CHUNK: u32 = 128u;
 const QUADS: u32 = D / 4u;
 // Position groups of the value phase, bounded so their sums fit the 4096-float area.
 const TG: u32 = min(WG / QUADS, 4096u / (G * D));
@@ -89,60 +87,44 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     let grp = li / QUADS;
     let vq = li - grp * QUADS;
     let active_v = grp < TG;
-    // The queries and running state are read by every invocation from here on.
-    workgroupBarrier();
 
     for (var c = lo; c < hi; c += CHUNK) {
         let n = min(CHUNK, hi - c);
-        // Scores: invocation li takes positions li + r * WG of the chunk and dots each K row
-        // with the G scaled queries (broadcast reads of workgroup memory, each reused for
-        // the PPT rows). Scores stay in registers until they are probabilities.
-        var s: array<f32, PPT * G>;
-        for (var k = 0u; k < PPT * G; k++) {
-            s[k] = NEG_INF;
+        if li < n {
+            let pos = c + li;
+            let block = block_tables[seq * p.max_blocks + pos / p.bs];
+            row_base[li] = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
         }
-        var base: array<u32, PPT>;
-        for (var r = 0u; r < PPT; r++) {
-            let j = li + r * WG;
-            base[r] = 0u;
-            if j < n {
-                let pos = c + j;
-                let block = block_tables[seq * p.max_blocks + pos / p.bs];
-                base[r] = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
-                for (var g = 0u; g < G; g++) {
-                    s[r * G + g] = 0.0;
-                }
+        workgroupBarrier();
+
+        // Scores: invocation li dots the K row of position li with the G scaled queries
+        // (broadcast reads of workgroup memory).
+        if li < n {
+            let base = row_base[li] / 8u;
+            var s: array<f32, G>;
+            for (var g = 0u; g < G; g++) {
+                s[g] = 0.0;
             }
-            row_base[j] = base[r];
-        }
-        for (var i = 0u; i < D / 8u; i++) {
-            var k0: array<vec4<f32>, PPT>;
-            var k1: array<vec4<f32>, PPT>;
-            for (var r = 0u; r < PPT; r++) {
-                if li + r * WG < n {
-                    let kv = k_cache[base[r] / 8u + i];
-                    k0[r] = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
-                    k1[r] = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
-                } else {
-                    k0[r] = vec4<f32>(0.0);
-                    k1[r] = vec4<f32>(0.0);
+            for (var i = 0u; i < D / 8u; i++) {
+                let kv = k_cache[base + i];
+                let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
+                let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
+                for (var g = 0u; g < G; g++) {
+                    let q = (g * D) / 4u + 2u * i;
+                    s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
                 }
             }
             for (var g = 0u; g < G; g++) {
-                let q = (g * D) / 4u + 2u * i;
-                let qa = q4[q];
-                let qb = q4[q + 1u];
-                for (var r = 0u; r < PPT; r++) {
-                    s[r * G + g] += dot(k0[r], qa) + dot(k1[r], qb);
-                }
+                probs[g * CHUNK + li] = s[g];
             }
         }
+        workgroupBarrier();
 
-        // Online softmax over the chunk: subgroup maxima, combined by one invocation per head.
+        // Online softmax over the chunk, position li per invocation.
         for (var g = 0u; g < G; g++) {
             var x = NEG_INF;
-            for (var r = 0u; r < PPT; r++) {
-                x = max(x, s[r * G + g]);
+            if li < n {
+                x = probs[g * CHUNK + li];
             }
             let mx = subgroupMax(x);
             if lane == 0u {
@@ -160,17 +142,12 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         }
         workgroupBarrier();
         for (var g = 0u; g < G; g++) {
-            var e_sum = 0.0;
-            for (var r = 0u; r < PPT; r++) {
-                let j = li + r * WG;
-                var e = 0.0;
-                if j < n {
-                    e = exp(s[r * G + g] - m_run[g]);
-                }
-                probs[g * CHUNK + j] = e;
-                e_sum += e;
+            var e = 0.0;
+            if li < n {
+                e = exp(probs[g * CHUNK + li] - m_run[g]);
+                probs[g * CHUNK + li] = e;
             }
-            let sum = subgroupAdd(e_sum);
+            let sum = subgroupAdd(e);
             if lane == 0u {
                 red_sum[sg * G + g] = sum;
             }
