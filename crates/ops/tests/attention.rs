@@ -9,7 +9,7 @@ use common::*;
 
 use rand::seq::SliceRandom;
 use vllm_apple_ops::kernels::attention::{
-    self, AttentionOptions, AttnShape, HostMetadata, SeqSlice,
+    self, AttentionOptions, AttnInputs, AttnShape, HostMetadata, SeqSlice,
 };
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::{DType, Step};
@@ -118,7 +118,14 @@ fn run(case: &Case, options: &[AttentionOptions]) {
                 .upload_f32(&[hist_meta.positions.len(), row], DType::F32, &hist_qkv)
                 .unwrap();
             let mut st = Step::new(ctx);
-            attention::write_kv(&mut st, &hq, &hm, layer, s).unwrap();
+            let a = AttnInputs {
+                qkv: &hq,
+                meta: &hm,
+                cache: layer,
+                shape: s,
+                scale,
+            };
+            attention::write_kv(&mut st, &a).unwrap();
             st.submit_and_wait().unwrap();
         }
         let gm = meta.upload(ctx, bs).unwrap();
@@ -126,7 +133,14 @@ fn run(case: &Case, options: &[AttentionOptions]) {
         let out = ctx.empty(&[t, s.q_heads * s.head_dim], DType::F32).unwrap();
         out.poison(ctx);
         let mut st = Step::new(ctx);
-        attention::attention(&mut st, opts, &qkv_t, &gm, layer, s, scale, &out).unwrap();
+        let a = AttnInputs {
+            qkv: &qkv_t,
+            meta: &gm,
+            cache: layer,
+            shape: s,
+            scale,
+        };
+        attention::attention(&mut st, opts, &a, &out).unwrap();
         st.submit_and_wait().unwrap();
         let got = out.to_f32_vec(ctx).unwrap();
 
@@ -351,5 +365,12 @@ fn bad_shapes_and_short_tables_are_errors() {
     .unwrap();
     let qkv = ctx.empty(&[1, (6 + 8) * 128], DType::F32).unwrap();
     let mut st = Step::new(ctx);
-    assert!(attention::write_kv(&mut st, &qkv, &meta, &cache.layers[0], s).is_err());
+    let a = AttnInputs {
+        qkv: &qkv,
+        meta: &meta,
+        cache: &cache.layers[0],
+        shape: s,
+        scale: 1.0,
+    };
+    assert!(attention::write_kv(&mut st, &a).is_err());
 }

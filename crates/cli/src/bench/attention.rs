@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_ops::kernels::attention::{
-    self, AttentionOptions, AttnShape, HostMetadata, SeqSlice,
+    self, AttentionOptions, AttnInputs, AttnShape, HostMetadata, SeqSlice,
 };
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext};
@@ -44,6 +44,18 @@ struct Setup {
     qkv: vllm_apple_ops::Tensor,
     out: vllm_apple_ops::Tensor,
     splits: usize,
+}
+
+impl Setup {
+    fn inputs(&self, scale: f32) -> AttnInputs<'_> {
+        AttnInputs {
+            qkv: &self.qkv,
+            meta: &self.meta,
+            cache: &self.cache.layers[0],
+            shape: SHAPE,
+            scale,
+        }
+    }
 }
 
 /// `batch` sequences of `cached` cached tokens and `new` new ones, blocks interleaved across
@@ -131,9 +143,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     for &b in &args.batches {
         for &c in &args.contexts {
             let s = setup(&ctx, b, c - 1, 1, args.contiguous)?;
-            let layer = &s.cache.layers[0];
+            let a = s.inputs(scale);
             let t = time_reps(&ctx, args.reps, |st, _| {
-                attention::attention(st, &fused, &s.qkv, &s.meta, layer, SHAPE, scale, &s.out)
+                attention::attention(st, &fused, &a, &s.out)
             })?;
             let kv_bytes = (b * c * SHAPE.kv_heads * SHAPE.head_dim * 2 * 2) as f64;
             println!(
@@ -152,9 +164,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     println!("{:>8} {:>11} {:>9}", "prompt", "time us", "TFLOP/s");
     for &l in &args.prefill {
         let s = setup(&ctx, 1, 0, l, args.contiguous)?;
-        let layer = &s.cache.layers[0];
+        let a = s.inputs(scale);
         let t = time_reps(&ctx, args.reps, |st, _| {
-            attention::attention(st, &fused, &s.qkv, &s.meta, layer, SHAPE, scale, &s.out)
+            attention::attention(st, &fused, &a, &s.out)
         })?;
         // Causal: QK^T and PV over l^2 / 2 (query, key) pairs, 2 FLOPs per multiply-add.
         let flops = 2.0 * 2.0 * (SHAPE.q_heads * SHAPE.head_dim) as f64 * (l * l) as f64 / 2.0;

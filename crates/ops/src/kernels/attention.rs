@@ -226,7 +226,19 @@ impl HostMetadata {
     }
 }
 
-fn check_inputs(qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape) -> Result<()> {
+/// One layer's attention inputs: the fused QKV rows of the step's tokens (q and k already
+/// rotated), the batch metadata, the layer's cache, the head shape and the softmax scale.
+#[derive(Clone, Copy)]
+pub struct AttnInputs<'a> {
+    pub qkv: &'a Tensor,
+    pub meta: &'a AttnMetadata,
+    pub cache: &'a LayerKv,
+    pub shape: AttnShape,
+    pub scale: f32,
+}
+
+fn check_inputs(a: &AttnInputs) -> Result<()> {
+    let (qkv, meta, cache, s) = (a.qkv, a.meta, a.cache, a.shape);
     s.check()?;
     expect_dtype("attention", qkv, DType::F32)?;
     expect_len(
@@ -254,14 +266,9 @@ fn check_inputs(qkv: &Tensor, meta: &AttnMetadata, cache: &LayerKv, s: AttnShape
 }
 
 /// Writes the new tokens' K and V (from the rotated QKV rows) into the cache: one dispatch.
-pub fn write_kv(
-    step: &mut Step,
-    qkv: &Tensor,
-    meta: &AttnMetadata,
-    cache: &LayerKv,
-    s: AttnShape,
-) -> Result<()> {
-    check_inputs(qkv, meta, cache, s)?;
+pub fn write_kv(step: &mut Step, a: &AttnInputs) -> Result<()> {
+    check_inputs(a)?;
+    let (qkv, meta, cache, s) = (a.qkv, a.meta, a.cache, a.shape);
     let k = Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write");
     let params = [
         meta.num_tokens as u32,
@@ -335,18 +342,14 @@ pub fn plan_partition(opts: &AttentionOptions, meta: &AttnMetadata, s: AttnShape
 
 /// Attention over the cache (after `write_kv`), by our paged kernels or the reference path.
 /// `out`: `[tokens, q_heads * head_dim]` f32.
-#[allow(clippy::too_many_arguments)]
 pub fn attend(
     step: &mut Step,
     opts: &AttentionOptions,
-    qkv: &Tensor,
-    meta: &AttnMetadata,
-    cache: &LayerKv,
-    s: AttnShape,
-    scale: f32,
+    a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
-    check_inputs(qkv, meta, cache, s)?;
+    check_inputs(a)?;
+    let (qkv, meta, cache, s, scale) = (a.qkv, a.meta, a.cache, a.shape, a.scale);
     expect_dtype("attention", out, DType::F32)?;
     expect_len(
         "attention",
@@ -355,7 +358,7 @@ pub fn attend(
         meta.num_tokens * s.q_heads * s.head_dim,
     )?;
     if !opts.paged {
-        return attend_reference(step, qkv, meta, cache, s, scale, out);
+        return attend_reference(step, a, out);
     }
     let t = meta.num_tokens;
     let (partition, splits) = match plan_partition(opts, meta, s) {
@@ -404,15 +407,8 @@ pub fn attend(
     )
 }
 
-fn attend_reference(
-    step: &mut Step,
-    qkv: &Tensor,
-    meta: &AttnMetadata,
-    cache: &LayerKv,
-    s: AttnShape,
-    scale: f32,
-    out: &Tensor,
-) -> Result<()> {
+fn attend_reference(step: &mut Step, a: &AttnInputs, out: &Tensor) -> Result<()> {
+    let (qkv, meta, cache, s, scale) = (a.qkv, a.meta, a.cache, a.shape, a.scale);
     let (t, b, mc) = (meta.num_tokens, meta.num_seqs, meta.max_ctx.max(1));
     let ctx = step.ctx;
     let kc = ctx.empty(&[b, mc, s.kv_heads, s.head_dim], DType::F32)?;
@@ -475,22 +471,17 @@ fn attend_reference(
 /// KV write and attention for one layer. With `fused_kv` both go into the current
 /// submission back to back (the GPU orders them; the CPU never waits); without it the KV
 /// write is submitted and completed before attention is recorded.
-#[allow(clippy::too_many_arguments)]
 pub fn attention(
     step: &mut Step,
     opts: &AttentionOptions,
-    qkv: &Tensor,
-    meta: &AttnMetadata,
-    cache: &LayerKv,
-    s: AttnShape,
-    scale: f32,
+    a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
-    write_kv(step, qkv, meta, cache, s)?;
+    write_kv(step, a)?;
     if !opts.fused_kv {
         step.sync()?;
     }
-    attend(step, opts, qkv, meta, cache, s, scale, out)
+    attend(step, opts, a, out)
 }
 
 pub mod cpu {
