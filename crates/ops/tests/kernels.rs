@@ -290,16 +290,10 @@ fn coop_gemm_matches_reference_where_offered() {
         256 * 96 * 2,
         60,
     );
-    for (i, bk, pad, prefetch) in [
-        (0u64, 32u32, 0u32, false),
-        (1, 32, 0, true),
-        (2, 32, 8, false),
-        (3, 64, 16, true),
-        (4, 64, 0, false),
-    ] {
+    for (i, vec_staging) in [(0u64, false), (1, true)] {
         let t = Tuning {
-            gemv: None,
-            coop: Some(CoopConfig { bk, pad, prefetch }),
+            coop: Some(CoopConfig { vec_staging }),
+            ..Default::default()
         };
         check_matmul_cfg(
             130,
@@ -309,6 +303,16 @@ fn coop_gemm_matches_reference_where_offered() {
             MatmulPath::Coop,
             u64::MAX,
             61 + i,
+            t,
+        );
+        check_matmul_cfg(
+            17,
+            1536,
+            576,
+            DType::BF16,
+            MatmulPath::Coop,
+            u64::MAX,
+            63 + i,
             t,
         );
     }

@@ -253,16 +253,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             )?;
         }
         if args.coop_sweep && ctx.coop.is_some() {
-            for (bk, pad, prefetch) in [
-                (32, 0, false),
-                (32, 0, true),
-                (64, 0, false),
-                (64, 0, true),
-                (64, 8, false),
-            ] {
+            for vec_staging in [false, true] {
                 let t = Tuning {
-                    gemv: None,
-                    coop: Some(CoopConfig { bk, pad, prefetch }),
+                    coop: Some(CoopConfig { vec_staging }),
+                    ..Default::default()
                 };
                 bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
             }
@@ -325,12 +319,7 @@ fn bench_matmul(
                 format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt)
             }
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
-                format!(
-                    "coop k{}p{}{}",
-                    c.bk,
-                    c.pad,
-                    if c.prefetch { "+pf" } else { "" }
-                )
+                format!("coop {}", if c.vec_staging { "vec" } else { "scalar" })
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },

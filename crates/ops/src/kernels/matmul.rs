@@ -13,7 +13,14 @@ use crate::weight::Weight;
 
 const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
-const GEMM_COOP: &str = wgsl!("gemm_coop.wgsl");
+const GEMM_COOP_SCALAR: &str = concat!(
+    wgsl!("gemm_coop_stage_scalar.wgsl"),
+    include_str!("wgsl/gemm_coop.wgsl")
+);
+const GEMM_COOP_VEC: &str = concat!(
+    wgsl!("gemm_coop_stage_vec.wgsl"),
+    include_str!("wgsl/gemm_coop.wgsl")
+);
 
 /// Largest M the GEMV path takes (its accumulators live in registers: M x ROWS).
 pub const GEMV_MAX_M: usize = 8;
@@ -83,24 +90,18 @@ fn gemm_kernel(dtype: DType) -> Kernel {
     Kernel::new("gemm.wgsl", GEMM, "gemm").u32("W_DTYPE", dtype.float_code())
 }
 
-/// Variant of the cooperative-matrix GEMM: row padding of the staged slices (halves) and
-/// whether the next slice's loads are issued before the current slice's products.
+/// Variant of the cooperative-matrix GEMM: stage slices in workgroup memory as `vec4<f16>`
+/// (a quarter of the stores) or as scalars (what Metal's simdgroup loads take).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopConfig {
-    /// Depth of the staged slices (32, or 64 where workgroup memory allows).
-    pub bk: u32,
-    pub pad: u32,
-    pub prefetch: bool,
+    pub vec_staging: bool,
 }
 
-impl Default for CoopConfig {
-    /// The fastest variant on the H100 sweep (docs/performance.md): padding and register
-    /// prefetch both lost there.
-    fn default() -> Self {
+impl CoopConfig {
+    /// Vector staging where fragments are 16x16 (Vulkan / NVIDIA); scalar for Apple's 8x8.
+    pub fn for_size(s: u32) -> CoopConfig {
         CoopConfig {
-            bk: 32,
-            pad: 0,
-            prefetch: false,
+            vec_staging: s == 16,
         }
     }
 }
@@ -113,12 +114,14 @@ pub struct Tuning {
 }
 
 fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
-    Kernel::new("gemm_coop.wgsl", GEMM_COOP, "gemm_coop")
+    let (name, src) = if c.vec_staging {
+        ("gemm_coop.wgsl+vec", GEMM_COOP_VEC)
+    } else {
+        ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR)
+    };
+    Kernel::new(name, src, "gemm_coop")
         .u32("S", s)
         .u32("W_DTYPE", dtype.float_code())
-        .u32("BK", c.bk)
-        .u32("PAD", c.pad)
-        .bool("PREFETCH", c.prefetch)
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
         .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
@@ -150,16 +153,8 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::BF16,
     ));
     for &s in coop_sizes {
-        v.push(coop_kernel(s, DType::F16, CoopConfig::default()));
-        v.push(coop_kernel(
-            s,
-            DType::BF16,
-            CoopConfig {
-                bk: 32,
-                pad: 8,
-                prefetch: true,
-            },
-        ));
+        v.push(coop_kernel(s, DType::F16, CoopConfig::for_size(s)));
+        v.push(coop_kernel(s, DType::BF16, CoopConfig::for_size(s)));
     }
     v
 }
@@ -262,7 +257,7 @@ pub fn matmul_tuned(
                 let tile = (8 * s) as usize;
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
-                let cfg = tuning.coop.unwrap_or_default();
+                let cfg = tuning.coop.unwrap_or(CoopConfig::for_size(s));
                 step.dispatch(
                     &coop_kernel(s, w.dtype, cfg),
                     &[x, &c.tensor, y],

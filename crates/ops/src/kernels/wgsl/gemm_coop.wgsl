@@ -2,9 +2,12 @@
 // y[m, n_offset + n] = sum_k x[m, k] * W[n, k], f16 inputs, f32 accumulation.
 // 256 invocations = 8 subgroups of 32 (the launcher checks) in a 2 x 4 grid; each subgroup
 // owns a (4 S) x (2 S) block of the (8 S) x (8 S) workgroup tile as eight S x S accumulators.
-// x (f32) and W (f16 or bf16) slices of depth BK are staged as f16 in workgroup memory.
+// x (f32) and W (f16 or bf16) slices of depth BK = 32 are staged as f16 in workgroup memory,
+// through the helpers of gemm_coop_stage_*.wgsl: as scalars (SHW = 1; Metal's simdgroup
+// loads take scalar pointers) or as vec4<f16> (SHW = 4; a quarter of the stores, and the
+// fragment stride counts vectors), chosen by the launcher.
 // Needs K % 8 == 0 (128-bit loads); M and N edges are bounds-checked.
-// Prelude: S (8 or 16), BK (32 or 64), W_DTYPE, PAD, PREFETCH, and aliases CA, CB, CC for the coop_mat types.
+// Prelude: S (8 or 16), W_DTYPE, and aliases CA, CB, CC for the coop_mat types.
 struct Params {
     m: u32,
     n: u32,
@@ -20,19 +23,15 @@ var<immediate> p: Params;
 
 const BM: u32 = 8u * S;
 const BN: u32 = 8u * S;
-// Row stride of the staged slices: BK plus PAD halves, to spread rows over memory banks.
-const LDS: u32 = BK + PAD;
+const BK: u32 = 32u;
+// Staged row stride, in halves and in shared elements.
+const LDS: u32 = BK;
+const LDE: u32 = LDS / SHW;
 const X_LOADS: u32 = BM * BK / 4u / 256u;
 const W_LOADS: u32 = BN * BK / 8u / 256u;
-var<workgroup> xs: array<f16, BM * LDS>;
-var<workgroup> ws: array<f16, BN * LDS>;
+var<workgroup> xs: array<SH, BM * LDE>;
+var<workgroup> ws: array<SH, BN * LDE>;
 var<workgroup> cs: array<f32, 8u * S * S>;
-
-fn to_f16x2(v: u32) -> vec2<f16> {
-    // f16 -> f32 -> f16 is exact; bf16 values beyond f16's range would overflow, but
-    // trained weights stay far inside it.
-    return vec2<f16>(half2_to_f32(v, W_DTYPE));
-}
 
 fn store_tile(acc: CC, sg: u32, lane: u32, sg_size: u32, m_base: u32, n_base: u32) {
     coopStoreT(acc, &cs[sg * S * S], S);
@@ -93,60 +92,34 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var c21 = CC();
     var c30 = CC();
     var c31 = CC();
-    // Software pipelining: the next slice's global loads are issued into registers before
-    // the current slice's matrix products, so memory latency hides behind tensor-core work.
     var xr: array<vec4<f32>, X_LOADS>;
     var wr: array<vec4<u32>, W_LOADS>;
-    load_slice(0u, m0, n0, li, &xr, &wr);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        if !PREFETCH && k0 > 0u {
-            load_slice(k0, m0, n0, li, &xr, &wr);
-        }
+        load_slice(k0, m0, n0, li, &xr, &wr);
         for (var j = 0u; j < X_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 4u);
-            let o = r * LDS + (idx - r * (BK / 4u)) * 4u;
-            let v = xr[j];
-            xs[o] = f16(v.x);
-            xs[o + 1u] = f16(v.y);
-            xs[o + 2u] = f16(v.z);
-            xs[o + 3u] = f16(v.w);
+            stage_x(r * LDS + (idx - r * (BK / 4u)) * 4u, xr[j]);
         }
         for (var j = 0u; j < W_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 8u);
-            let o = r * LDS + (idx - r * (BK / 8u)) * 8u;
-            let v = wr[j];
-            let h0 = to_f16x2(v.x);
-            let h1 = to_f16x2(v.y);
-            let h2 = to_f16x2(v.z);
-            let h3 = to_f16x2(v.w);
-            ws[o] = h0.x;
-            ws[o + 1u] = h0.y;
-            ws[o + 2u] = h1.x;
-            ws[o + 3u] = h1.y;
-            ws[o + 4u] = h2.x;
-            ws[o + 5u] = h2.y;
-            ws[o + 6u] = h3.x;
-            ws[o + 7u] = h3.y;
+            stage_w(r * LDS + (idx - r * (BK / 8u)) * 8u, wr[j]);
         }
         workgroupBarrier();
-        if PREFETCH && k0 + BK < p.k {
-            load_slice(k0 + BK, m0, n0, li, &xr, &wr);
-        }
         for (var kk = 0u; kk < BK; kk += S) {
-            let b0 = coopLoad<CB>(&ws[wn * LDS + kk], LDS);
-            let b1 = coopLoad<CB>(&ws[(wn + S) * LDS + kk], LDS);
-            let a0 = coopLoadT<CA>(&xs[wm * LDS + kk], LDS);
+            let b0 = coopLoad<CB>(&ws[(wn * LDS + kk) / SHW], LDE);
+            let b1 = coopLoad<CB>(&ws[((wn + S) * LDS + kk) / SHW], LDE);
+            let a0 = coopLoadT<CA>(&xs[(wm * LDS + kk) / SHW], LDE);
             c00 = coopMultiplyAdd(a0, b0, c00);
             c01 = coopMultiplyAdd(a0, b1, c01);
-            let a1 = coopLoadT<CA>(&xs[(wm + S) * LDS + kk], LDS);
+            let a1 = coopLoadT<CA>(&xs[((wm + S) * LDS + kk) / SHW], LDE);
             c10 = coopMultiplyAdd(a1, b0, c10);
             c11 = coopMultiplyAdd(a1, b1, c11);
-            let a2 = coopLoadT<CA>(&xs[(wm + 2u * S) * LDS + kk], LDS);
+            let a2 = coopLoadT<CA>(&xs[((wm + 2u * S) * LDS + kk) / SHW], LDE);
             c20 = coopMultiplyAdd(a2, b0, c20);
             c21 = coopMultiplyAdd(a2, b1, c21);
-            let a3 = coopLoadT<CA>(&xs[(wm + 3u * S) * LDS + kk], LDS);
+            let a3 = coopLoadT<CA>(&xs[((wm + 3u * S) * LDS + kk) / SHW], LDE);
             c30 = coopMultiplyAdd(a3, b0, c30);
             c31 = coopMultiplyAdd(a3, b1, c31);
         }
