@@ -253,9 +253,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             )?;
         }
         if args.coop_sweep && ctx.coop.is_some() {
-            for (vec_staging, bk) in [(false, 32), (true, 32), (true, 64)] {
+            for vec_staging in [false, true] {
                 let t = Tuning {
-                    coop: Some(CoopConfig { vec_staging, bk }),
+                    coop: Some(CoopConfig { vec_staging }),
                     ..Default::default()
                 };
                 bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
@@ -319,11 +319,7 @@ fn bench_matmul(
                 format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt)
             }
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
-                format!(
-                    "coop {} k{}",
-                    if c.vec_staging { "vec" } else { "scalar" },
-                    c.bk
-                )
+                format!("coop {}", if c.vec_staging { "vec" } else { "scalar" })
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },

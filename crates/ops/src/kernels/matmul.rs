@@ -95,9 +95,6 @@ fn gemm_kernel(dtype: DType) -> Kernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopConfig {
     pub vec_staging: bool,
-    /// Depth of the staged slices: 32, or 64 (workgroup memory 2 x 8S x 64 halves + the
-    /// f32 edge tiles: 40 KiB at S = 16, so only where the device allows it).
-    pub bk: u32,
 }
 
 impl CoopConfig {
@@ -105,12 +102,7 @@ impl CoopConfig {
     pub fn for_size(s: u32) -> CoopConfig {
         CoopConfig {
             vec_staging: s == 16,
-            bk: 32,
         }
-    }
-
-    fn workgroup_bytes(&self, s: u32) -> u32 {
-        2 * 8 * s * self.bk * 2 + 8 * s * s * 4
     }
 }
 
@@ -129,7 +121,6 @@ fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
     };
     Kernel::new(name, src, "gemm_coop")
         .u32("S", s)
-        .u32("BK", c.bk)
         .u32("W_DTYPE", dtype.float_code())
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
@@ -267,16 +258,6 @@ pub fn matmul_tuned(
                 let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
                 let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
                 let cfg = tuning.coop.unwrap_or(CoopConfig::for_size(s));
-                let limit = step.ctx.limits.max_compute_workgroup_storage_size;
-                if !matches!(cfg.bk, 32 | 64) || cfg.workgroup_bytes(s) > limit {
-                    return Err(shape_err(
-                        "matmul",
-                        format!(
-                            "coop variant {cfg:?} needs {} B of workgroup memory (device: {limit})",
-                            cfg.workgroup_bytes(s)
-                        ),
-                    ));
-                }
                 step.dispatch(
                     &coop_kernel(s, w.dtype, cfg),
                     &[x, &c.tensor, y],

@@ -2,13 +2,12 @@
 // y[m, n_offset + n] = sum_k x[m, k] * W[n, k], f16 inputs, f32 accumulation.
 // 256 invocations = 8 subgroups of 32 (the launcher checks) in a 2 x 4 grid; each subgroup
 // owns a (4 S) x (2 S) block of the (8 S) x (8 S) workgroup tile as eight S x S accumulators.
-// x (f32) and W (f16 or bf16) slices of depth BK (32, or 64 where workgroup memory allows)
-// are staged as f16 in workgroup memory,
+// x (f32) and W (f16 or bf16) slices of depth BK = 32 are staged as f16 in workgroup memory,
 // through the helpers of gemm_coop_stage_*.wgsl: as scalars (SHW = 1; Metal's simdgroup
 // loads take scalar pointers) or as vec4<f16> (SHW = 4; a quarter of the stores, and the
 // fragment stride counts vectors), chosen by the launcher.
 // Needs K % 8 == 0 (128-bit loads); M and N edges are bounds-checked.
-// Prelude: S (8 or 16), BK, W_DTYPE, and aliases CA, CB, CC for the coop_mat types.
+// Prelude: S (8 or 16), W_DTYPE, and aliases CA, CB, CC for the coop_mat types.
 struct Params {
     m: u32,
     n: u32,
@@ -24,6 +23,7 @@ var<immediate> p: Params;
 
 const BM: u32 = 8u * S;
 const BN: u32 = 8u * S;
+const BK: u32 = 32u;
 // Staged row stride, in halves and in shared elements.
 const LDS: u32 = BK;
 const LDE: u32 = LDS / SHW;
