@@ -286,12 +286,11 @@ pub fn write_kv(step: &mut Step, a: &AttnInputs) -> Result<()> {
     )
 }
 
-fn paged_kernel(s: AttnShape, split: bool, sg_min: u32) -> Kernel {
+fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
     Kernel::new("paged_attention.wgsl", PAGED, "paged_attention")
         .u32("G", s.group() as u32)
         .u32("D", s.head_dim as u32)
         .bool("SPLIT", split)
-        .u32("SG_MIN", sg_min.clamp(4, 128))
 }
 
 fn reduce_kernel(s: AttnShape) -> Kernel {
@@ -312,8 +311,8 @@ pub(crate) fn variants() -> Vec<Kernel> {
             kv_heads: kv,
             head_dim: d,
         };
-        v.push(paged_kernel(s, false, 32));
-        v.push(paged_kernel(s, true, 8));
+        v.push(paged_kernel(s, false));
+        v.push(paged_kernel(s, true));
         v.push(reduce_kernel(s));
     }
     for e in ["gather_kv", "naive_scores", "naive_av"] {
@@ -377,7 +376,6 @@ pub fn attend(
         splits as u32,
     ];
     let groups = grid(step.ctx, t * s.kv_heads * splits);
-    let sg_min = step.ctx.info.subgroup_min_size;
     let inputs = [
         qkv,
         &meta.seq_of,
@@ -389,7 +387,7 @@ pub fn attend(
     if splits == 1 {
         let dummy = step.ctx.dummy()?.clone();
         let b: Vec<&Tensor> = inputs.iter().copied().chain([out, &dummy]).collect();
-        return step.dispatch(&paged_kernel(s, false, sg_min), &b, &params, groups);
+        return step.dispatch(&paged_kernel(s, false), &b, &params, groups);
     }
     let g = s.group();
     let part = step
@@ -399,7 +397,7 @@ pub fn attend(
         .ctx
         .empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
     let b: Vec<&Tensor> = inputs.iter().copied().chain([&part, &ml]).collect();
-    step.dispatch(&paged_kernel(s, true, sg_min), &b, &params, groups)?;
+    step.dispatch(&paged_kernel(s, true), &b, &params, groups)?;
     let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
     step.dispatch(
         &reduce_kernel(s),

@@ -1,22 +1,18 @@
 // Paged attention for any mix of prefill and decode tokens. One workgroup per (query
 // token, kv head, split): the G = hq / hkv query heads that share the kv head read each
 // K/V row once. Query token t sees cache positions [0, ctx[t]) of sequence seq[t] (causal
-// prefill gives each of its tokens its own ctx).
-// Each subgroup works alone, with no workgroup barrier in its loop: it takes every
-// num_subgroups-th run of subgroup_size positions, and for each run
-//   scores: lane j dots the K row of position j (128-bit loads) with the G scaled queries
-//           held in workgroup memory (broadcast reads);
-//   softmax: subgroup max / sum per head update the subgroup's running max and sum
-//           (online softmax, kept in registers, identical in every lane);
-//   values: position by position, the subgroup reads one V row (lane k: four dimensions,
-//           64-bit loads) and adds it to every head's sum with the position's probability,
-//           which a shuffle brings from the lane that scored it.
-// At the end the subgroups' partial results are merged like splits (rescaled to the
-// common max), through workgroup memory.
+// prefill gives each of its tokens its own ctx), walked CHUNK = 128 positions at a time:
+//   scores: invocation j takes position c + j and dots its K row (128-bit loads) with the
+//           G scaled queries in workgroup memory (broadcast reads);
+//   softmax: invocation j takes position j of the chunk: subgroup max / sum per head,
+//           combined across subgroups; every invocation keeps the running max and sum of
+//           every head (online softmax);
+//   values: TG groups of D / 4 invocations take every TG-th position, each invocation four
+//           dimensions (64-bit loads) of all G heads; the groups are summed at the end.
 // SPLIT: the workgroup covers positions [split * part_len, ...) and leaves unnormalised
 // sums and (max, sum) for `attention_reduce` (flash-decoding); otherwise it writes the
 // normalised output. ctx[t] == 0 (a padding token) writes zeros.
-// Prelude: G, D, SPLIT, SG_MIN (the adapter's smallest subgroup size).
+// Prelude: G, D, SPLIT.
 struct Params {
     t: u32,
     hq: u32,
@@ -39,21 +35,29 @@ var<immediate> p: Params;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
 
 const WG: u32 = 128u;
+const CHUNK: u32 = 128u;
 const QUADS: u32 = D / 4u;
-// V quads per lane: one on 32-wide subgroups at D = 128.
-const MAXQ: u32 = (QUADS + SG_MIN - 1u) / SG_MIN;
+// Position groups of the value phase, bounded so their sums fit the 4096-float area.
+const TG: u32 = min(WG / QUADS, 4096u / (G * D));
 const NEG_INF: f32 = -3.4e38;
 
-// The scaled queries as vec4; after the main loop, the merged value sums.
+// The scaled queries as vec4, later reused for the per-group value sums.
 var<workgroup> q4: array<vec4<f32>, 1024>;
-var<workgroup> sub_m: array<f32, 32u * G>;
-var<workgroup> sub_l: array<f32, 32u * G>;
+var<workgroup> probs: array<f32, G * CHUNK>;
+var<workgroup> row_base: array<u32, CHUNK>;
+// Per-subgroup partial maxima and sums of each head (at most 32 subgroups of 4+).
+var<workgroup> red_max: array<f32, 32u * G>;
+var<workgroup> red_sum: array<f32, 32u * G>;
+// Running max and sum of every head, and the rescale of the current chunk (kept in
+// workgroup memory rather than G registers per invocation, for occupancy).
+var<workgroup> m_run: array<f32, G>;
+var<workgroup> l_run: array<f32, G>;
+var<workgroup> alpha: array<f32, G>;
 
 @compute @workgroup_size(WG)
 fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
-                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32,
-                   @builtin(subgroup_size) sgs: u32) {
+                   @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
     let flat = flat_group(wg, nwg);
     if flat >= p.t * p.hkv * p.splits {
         return;
@@ -72,36 +76,37 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         let b = qrow + 4u * i;
         q4[i] = vec4<f32>(qkv[b], qkv[b + 1u], qkv[b + 2u], qkv[b + 3u]) * p.scale;
     }
-    workgroupBarrier();
-
-    var m_run: array<f32, G>;
-    var l_run: array<f32, G>;
-    var acc: array<vec4<f32>, G * MAXQ>;
+    if li < G {
+        m_run[li] = NEG_INF;
+        l_run[li] = 0.0;
+    }
+    var acc: array<vec4<f32>, G>;
     for (var g = 0u; g < G; g++) {
-        m_run[g] = NEG_INF;
-        l_run[g] = 0.0;
+        acc[g] = vec4<f32>(0.0);
     }
-    for (var k = 0u; k < G * MAXQ; k++) {
-        acc[k] = vec4<f32>(0.0);
-    }
+    let grp = li / QUADS;
+    let vq = li - grp * QUADS;
+    let active_v = grp < TG;
 
-    for (var c = lo + sg * sgs; c < hi; c += nsg * sgs) {
-        let n = min(sgs, hi - c);
-        let valid = lane < n;
-        var base = 0u;
-        var s: array<f32, G>;
-        for (var g = 0u; g < G; g++) {
-            s[g] = NEG_INF;
-        }
-        if valid {
-            let pos = c + lane;
+    for (var c = lo; c < hi; c += CHUNK) {
+        let n = min(CHUNK, hi - c);
+        if li < n {
+            let pos = c + li;
             let block = block_tables[seq * p.max_blocks + pos / p.bs];
-            base = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
+            row_base[li] = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
+        }
+        workgroupBarrier();
+
+        // Scores: invocation li dots the K row of position li with the G scaled queries
+        // (broadcast reads of workgroup memory).
+        if li < n {
+            let base = row_base[li] / 8u;
+            var s: array<f32, G>;
             for (var g = 0u; g < G; g++) {
                 s[g] = 0.0;
             }
             for (var i = 0u; i < D / 8u; i++) {
-                let kv = k_cache[base / 8u + i];
+                let kv = k_cache[base + i];
                 let k0 = vec4<f32>(unpack2x16float(kv.x), unpack2x16float(kv.y));
                 let k1 = vec4<f32>(unpack2x16float(kv.z), unpack2x16float(kv.w));
                 for (var g = 0u; g < G; g++) {
@@ -109,94 +114,101 @@ fn paged_attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
                     s[g] += dot(k0, q4[q]) + dot(k1, q4[q + 1u]);
                 }
             }
-        }
-        // Online softmax for this run; s becomes the probabilities.
-        for (var g = 0u; g < G; g++) {
-            let mx = max(m_run[g], subgroupMax(s[g]));
-            let alpha = exp(m_run[g] - mx);
-            var e = 0.0;
-            if valid {
-                e = exp(s[g] - mx);
-            }
-            s[g] = e;
-            l_run[g] = l_run[g] * alpha + subgroupAdd(e);
-            m_run[g] = mx;
-            for (var k = 0u; k < MAXQ; k++) {
-                acc[g * MAXQ + k] *= alpha;
-            }
-        }
-        // Values, one position at a time for the whole subgroup.
-        for (var j = 0u; j < n; j++) {
-            let row = subgroupShuffle(base, j) / 4u;
-            var pj: array<f32, G>;
             for (var g = 0u; g < G; g++) {
-                pj[g] = subgroupShuffle(s[g], j);
+                probs[g * CHUNK + li] = s[g];
             }
-            for (var k = 0u; k < MAXQ; k++) {
-                let quad = lane + k * sgs;
-                if quad < QUADS {
-                    let w = v_cache[row + quad];
-                    let v = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
-                    for (var g = 0u; g < G; g++) {
-                        acc[g * MAXQ + k] += pj[g] * v;
-                    }
+        }
+        workgroupBarrier();
+
+        // Online softmax over the chunk, position li per invocation.
+        for (var g = 0u; g < G; g++) {
+            var x = NEG_INF;
+            if li < n {
+                x = probs[g * CHUNK + li];
+            }
+            let mx = subgroupMax(x);
+            if lane == 0u {
+                red_max[sg * G + g] = mx;
+            }
+        }
+        workgroupBarrier();
+        if li < G {
+            var mx = m_run[li];
+            for (var k = 0u; k < nsg; k++) {
+                mx = max(mx, red_max[k * G + li]);
+            }
+            alpha[li] = exp(m_run[li] - mx);
+            m_run[li] = mx;
+        }
+        workgroupBarrier();
+        for (var g = 0u; g < G; g++) {
+            var e = 0.0;
+            if li < n {
+                e = exp(probs[g * CHUNK + li] - m_run[g]);
+                probs[g * CHUNK + li] = e;
+            }
+            let sum = subgroupAdd(e);
+            if lane == 0u {
+                red_sum[sg * G + g] = sum;
+            }
+        }
+        workgroupBarrier();
+        if li < G {
+            var sum = 0.0;
+            for (var k = 0u; k < nsg; k++) {
+                sum += red_sum[k * G + li];
+            }
+            l_run[li] = l_run[li] * alpha[li] + sum;
+        }
+
+        if active_v {
+            for (var g = 0u; g < G; g++) {
+                acc[g] *= alpha[g];
+            }
+            // Two positions per step so their loads are in flight together.
+            var j = grp;
+            for (; j + TG < n; j += 2u * TG) {
+                let w0 = v_cache[row_base[j] / 4u + vq];
+                let w1 = v_cache[row_base[j + TG] / 4u + vq];
+                let v0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+                let v1 = vec4<f32>(unpack2x16float(w1.x), unpack2x16float(w1.y));
+                for (var g = 0u; g < G; g++) {
+                    acc[g] += probs[g * CHUNK + j] * v0 + probs[g * CHUNK + j + TG] * v1;
                 }
             }
-        }
-    }
-
-    // Merge the subgroups: common max, rescaled sums, then the value sums one subgroup
-    // after another into workgroup memory (once every subgroup is done with the queries).
-    workgroupBarrier();
-    if lane == 0u {
-        for (var g = 0u; g < G; g++) {
-            sub_m[sg * G + g] = m_run[g];
-            sub_l[sg * G + g] = l_run[g];
-        }
-    }
-    for (var i = li; i < G * D / 4u; i += WG) {
-        q4[i] = vec4<f32>(0.0);
-    }
-    workgroupBarrier();
-    var scale_g: array<f32, G>;
-    for (var g = 0u; g < G; g++) {
-        var mx = NEG_INF;
-        for (var k = 0u; k < nsg; k++) {
-            mx = max(mx, sub_m[k * G + g]);
-        }
-        scale_g[g] = exp(m_run[g] - mx);
-    }
-    for (var k = 0u; k < nsg; k++) {
-        if sg == k {
-            for (var g = 0u; g < G; g++) {
-                for (var kq = 0u; kq < MAXQ; kq++) {
-                    let quad = lane + kq * sgs;
-                    if quad < QUADS {
-                        q4[(g * D) / 4u + quad] += acc[g * MAXQ + kq] * scale_g[g];
-                    }
+            if j < n {
+                let w0 = v_cache[row_base[j] / 4u + vq];
+                let v0 = vec4<f32>(unpack2x16float(w0.x), unpack2x16float(w0.y));
+                for (var g = 0u; g < G; g++) {
+                    acc[g] += probs[g * CHUNK + j] * v0;
                 }
             }
         }
         workgroupBarrier();
     }
+
+    // Sum the TG position groups (the queries are no longer needed: reuse their memory).
+    if active_v {
+        for (var g = 0u; g < G; g++) {
+            q4[((grp * G + g) * D) / 4u + vq] = acc[g];
+        }
+    }
+    workgroupBarrier();
     for (var i = li; i < G * D; i += WG) {
+        var total = 0.0;
+        for (var k = 0u; k < TG; k++) {
+            let e = k * G * D + i;
+            total += q4[e / 4u][e % 4u];
+        }
         let g = i / D;
-        var mx = NEG_INF;
-        for (var k = 0u; k < nsg; k++) {
-            mx = max(mx, sub_m[k * G + g]);
-        }
-        var l = 0.0;
-        for (var k = 0u; k < nsg; k++) {
-            l += sub_l[k * G + g] * exp(sub_m[k * G + g] - mx);
-        }
-        let total = q4[i / 4u][i % 4u];
         if SPLIT {
             out[((t * p.hkv + h) * p.splits + split) * G * D + i] = total;
-            if i % D == 0u {
-                ml[((t * p.hkv + h) * p.splits + split) * G + g] = vec2<f32>(mx, l);
-            }
         } else {
+            let l = l_run[g];
             out[t * p.hq * D + h * G * D + i] = select(0.0, total / l, l > 0.0);
         }
+    }
+    if SPLIT && li < G {
+        ml[((t * p.hkv + h) * p.splits + split) * G + li] = vec2<f32>(m_run[li], l_run[li]);
     }
 }
