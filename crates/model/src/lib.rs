@@ -1,4 +1,8 @@
 //! The model layer of vllm-apple: weight file formats and (next) model forwards.
 
+pub mod config;
+pub mod dense;
 pub mod dequant;
 pub mod gguf;
+pub mod runner;
+pub mod tokenizer;

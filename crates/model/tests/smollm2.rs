@@ -93,3 +93,61 @@ fn tensors_dequantize_to_plausible_weights() {
         vec![576, 49152]
     );
 }
+
+mod generation {
+    use super::model;
+    use std::sync::Arc;
+    use vllm_apple_model::dense::DenseModel;
+    use vllm_apple_model::runner::generate_greedy;
+    use vllm_apple_model::tokenizer::GgufTokenizer;
+    use vllm_apple_ops::kernels::attention::AttentionOptions;
+    use vllm_apple_ops::{ContextOptions, DType, GpuContext};
+
+    fn ctx() -> Arc<GpuContext> {
+        GpuContext::new(&ContextOptions::default()).expect("a GPU adapter (lavapipe on CI)")
+    }
+
+    #[test]
+    fn tokenizer_round_trips_and_renders_the_chat_template() {
+        let f = model();
+        let tok = GgufTokenizer::from_gguf(&f.gguf).unwrap();
+        assert_eq!(tok.vocab_size(), 49152);
+        for text in [
+            "Hello, world!",
+            "The year 2024 had 366 days.",
+            "naïve café — ünïcödé 🚀",
+            "  two  spaces\n\ttab",
+        ] {
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        }
+        // Digits are split one by one (SmolLM's pre-tokenizer), special tokens match whole.
+        let ids = tok.encode("<|im_start|>2024").unwrap();
+        assert_eq!(ids[0], 1);
+        assert_eq!(ids.len(), 5);
+        let prompt = tok.apply_chat_template(&[("user", "Hi")], true).unwrap();
+        assert_eq!(
+            prompt,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn answers_the_capital_of_france() {
+        let ctx = ctx();
+        let f = model();
+        let tok = GgufTokenizer::from_gguf(&f.gguf).unwrap();
+        let m = DenseModel::from_gguf(&ctx, &f, DType::F16).unwrap();
+        let prompt = tok
+            .apply_chat_template(&[("user", "What is the capital of France?")], true)
+            .unwrap();
+        let ids = tok.encode(&prompt).unwrap();
+        let stop: Vec<u32> = tok.eos.into_iter().collect();
+        let out = generate_greedy(&ctx, &m, &ids, 16, &stop, &AttentionOptions::default()).unwrap();
+        let text = tok.decode(&out.ids, true).unwrap();
+        assert!(
+            text.starts_with("The capital of France is Paris"),
+            "got {text:?}"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! Greedy generation for one sequence, straight over the model: the smallest loop that
+//! turns a prompt into text (the engine, with batching and sampling, builds on the same
+//! forward). One submission per step; only the sampled id comes back.
+
+use std::time::Instant;
+
+use vllm_apple_ops::kernels::argmax;
+use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
+use vllm_apple_ops::kv_cache::KvCache;
+use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
+
+use crate::dense::{DenseModel, ModelError};
+
+pub const BLOCK_SIZE: usize = 16;
+
+pub struct Generated {
+    /// The generated ids (the stop token, if one ended generation, included).
+    pub ids: Vec<u32>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+fn one_step(
+    ctx: &GpuContext,
+    model: &DenseModel,
+    kv: &KvCache,
+    table: &[u32],
+    tokens: &[u32],
+    cached: usize,
+    opts: &AttentionOptions,
+) -> Result<u32, ModelError> {
+    let seq = SeqSlice {
+        block_table: table,
+        num_cached: cached,
+        num_new: tokens.len(),
+    };
+    let meta = HostMetadata::build(&[seq], BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
+    let ids = ctx.upload_u32(&[tokens.len()], tokens)?;
+    let last = ctx.upload_u32(&[1], &[tokens.len() as u32 - 1])?;
+    let out = ctx.empty(&[1], DType::U32)?;
+    let mut step = Step::new(ctx);
+    let logits = model.forward(&mut step, &ids, &meta, kv, &last, opts)?;
+    argmax::argmax(&mut step, &logits, &out)?;
+    step.submit_and_wait()?;
+    Ok(out.to_u32_vec(ctx)?[0])
+}
+
+/// Greedy continuation of `prompt` for up to `max_tokens` tokens, stopping after any id in
+/// `stop`.
+pub fn generate_greedy(
+    ctx: &GpuContext,
+    model: &DenseModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop: &[u32],
+    opts: &AttentionOptions,
+) -> Result<Generated, ModelError> {
+    let total = prompt.len() + max_tokens;
+    if prompt.is_empty() {
+        return Err(OpsError::Config("the prompt is empty".into()).into());
+    }
+    if total > model.cfg.max_position {
+        return Err(OpsError::Config(format!(
+            "prompt ({}) + max_tokens ({max_tokens}) exceeds the model's {} positions",
+            prompt.len(),
+            model.cfg.max_position
+        ))
+        .into());
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= model.cfg.vocab) {
+        return Err(OpsError::Config(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            model.cfg.vocab
+        ))
+        .into());
+    }
+    let blocks = total.div_ceil(BLOCK_SIZE);
+    let kv = KvCache::new(ctx, model.kv_spec(BLOCK_SIZE), blocks)?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    let mut next = one_step(ctx, model, &kv, &table, prompt, 0, opts)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    while ids.len() < max_tokens {
+        ids.push(next);
+        if stop.contains(&next) || ids.len() == max_tokens {
+            break;
+        }
+        next = one_step(
+            ctx,
+            model,
+            &kv,
+            &table,
+            &[next],
+            prompt.len() + ids.len() - 1,
+            opts,
+        )?;
+    }
+    Ok(Generated {
+        ids,
+        prefill_seconds,
+        decode_seconds: t1.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,178 @@
+//! The tokenizer and chat template a GGUF file carries: a byte-level BPE
+//! (`tokenizer.ggml.model = "gpt2"`) rebuilt as a Hugging Face `tokenizers` pipeline, the
+//! control tokens as special tokens, and the Jinja chat template rendered with minijinja.
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+use crate::gguf::{Gguf, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("the model file has no tokenizer metadata ('{0}')")]
+    Missing(String),
+    #[error("tokenizer model '{0}' is not supported yet (byte-level BPE 'gpt2' is)")]
+    UnsupportedModel(String),
+    #[error("pre-tokenizer '{0}' is not supported yet (supported: smollm, gpt2)")]
+    UnsupportedPre(String),
+    #[error("tokenizer: {0}")]
+    Tokenizers(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the model has no chat template")]
+    NoTemplate,
+}
+
+pub struct GgufTokenizer {
+    inner: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    bos_text: String,
+    eos_text: String,
+}
+
+fn strings(g: &Gguf, key: &str) -> Result<Vec<String>, TokenizerError> {
+    g.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| TokenizerError::Missing(key.into()))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| TokenizerError::Missing(key.into()))
+        })
+        .collect()
+}
+
+impl GgufTokenizer {
+    pub fn from_gguf(g: &Gguf) -> Result<GgufTokenizer, TokenizerError> {
+        let model = g
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| TokenizerError::Missing("tokenizer.ggml.model".into()))?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.into()));
+        }
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings(g, "tokenizer.ggml.merges")?
+            .iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("gpt2");
+        let pre_tok: PreTokenizerWrapper = match pre {
+            // SmolLM's tokenizer.json: single digits, then GPT-2's byte-level split.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "gpt2" | "default" => byte_level.into(),
+            other => return Err(TokenizerError::UnsupportedPre(other.into())),
+        };
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevel::default()));
+        // Control (3) and user-defined (4) tokens match whole in the input text.
+        if let Some(types) = g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| matches!(t.as_i64(), Some(3) | Some(4)))
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .collect();
+            inner.add_special_tokens(&special);
+        }
+        let id = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let text = |i: Option<u32>| {
+            i.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        Ok(GgufTokenizer {
+            bos_text: text(bos),
+            eos_text: text(eos),
+            inner,
+            bos,
+            eos,
+            add_bos: matches!(
+                g.get("tokenizer.ggml.add_bos_token"),
+                Some(Value::Bool(true))
+            ),
+            chat_template: g
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders the chat template for `(role, content)` messages, as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(&str, &str)],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let source = self
+            .chat_template
+            .as_deref()
+            .ok_or(TokenizerError::NoTemplate)?;
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", source)
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role, content => content })
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_text,
+                    eos_token => self.eos_text,
+                })
+            })
+            .map_err(|e| TokenizerError::Template(e.to_string()))
+    }
+}
