@@ -4,6 +4,10 @@
 
 use std::time::Instant;
 
+use rand::distr::{weighted::WeightedIndex, Distribution};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
 use vllm_apple_ops::kernels::argmax;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
 use vllm_apple_ops::kv_cache::KvCache;
@@ -13,6 +17,23 @@ use crate::dense::{DenseModel, ModelError};
 
 pub const BLOCK_SIZE: usize = 16;
 
+/// How the next token is chosen: greedy on the GPU (temperature 0, only the id comes back),
+/// or sampled from softmax(logits / temperature) with a seeded generator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Sampling {
+        Sampling {
+            temperature: 0.0,
+            seed: 0,
+        }
+    }
+}
+
 pub struct Generated {
     /// The generated ids (the stop token, if one ended generation, included).
     pub ids: Vec<u32>,
@@ -20,6 +41,7 @@ pub struct Generated {
     pub decode_seconds: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one_step(
     ctx: &GpuContext,
     model: &DenseModel,
@@ -28,6 +50,7 @@ fn one_step(
     tokens: &[u32],
     cached: usize,
     opts: &AttentionOptions,
+    sampler: &mut Option<(f32, StdRng)>,
 ) -> Result<u32, ModelError> {
     let seq = SeqSlice {
         block_table: table,
@@ -40,22 +63,43 @@ fn one_step(
     let out = ctx.empty(&[1], DType::U32)?;
     let mut step = Step::new(ctx);
     let logits = model.forward(&mut step, &ids, &meta, kv, &last, opts)?;
-    argmax::argmax(&mut step, &logits, &out)?;
+    let Some((temperature, rng)) = sampler else {
+        argmax::argmax(&mut step, &logits, &out)?;
+        step.submit_and_wait()?;
+        return Ok(out.to_u32_vec(ctx)?[0]);
+    };
     step.submit_and_wait()?;
-    Ok(out.to_u32_vec(ctx)?[0])
+    let l = logits.to_f32_vec(ctx)?;
+    let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = l
+        .iter()
+        .map(|x| (((x - mx) / *temperature) as f64).exp())
+        .collect();
+    let dist = WeightedIndex::new(&w)
+        .map_err(|e| OpsError::Gpu(format!("logits cannot be sampled: {e}")))?;
+    Ok(dist.sample(rng) as u32)
 }
 
-/// Greedy continuation of `prompt` for up to `max_tokens` tokens, stopping after any id in
-/// `stop`.
-pub fn generate_greedy(
+/// Continuation of `prompt` for up to `max_tokens` tokens, stopping after any id in `stop`.
+pub fn generate(
     ctx: &GpuContext,
     model: &DenseModel,
     prompt: &[u32],
     max_tokens: usize,
     stop: &[u32],
     opts: &AttentionOptions,
+    sampling: Sampling,
 ) -> Result<Generated, ModelError> {
     let total = prompt.len() + max_tokens;
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(OpsError::Config(format!(
+            "temperature must be >= 0, got {}",
+            sampling.temperature
+        ))
+        .into());
+    }
+    let mut sampler = (sampling.temperature > 0.0)
+        .then(|| (sampling.temperature, StdRng::seed_from_u64(sampling.seed)));
     if prompt.is_empty() {
         return Err(OpsError::Config("the prompt is empty".into()).into());
     }
@@ -79,7 +123,7 @@ pub fn generate_greedy(
     let table: Vec<u32> = (0..blocks as u32).collect();
     let t0 = Instant::now();
     let mut ids = Vec::new();
-    let mut next = one_step(ctx, model, &kv, &table, prompt, 0, opts)?;
+    let mut next = one_step(ctx, model, &kv, &table, prompt, 0, opts, &mut sampler)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     while ids.len() < max_tokens {
@@ -87,15 +131,8 @@ pub fn generate_greedy(
         if stop.contains(&next) || ids.len() == max_tokens {
             break;
         }
-        next = one_step(
-            ctx,
-            model,
-            &kv,
-            &table,
-            &[next],
-            prompt.len() + ids.len() - 1,
-            opts,
-        )?;
+        let cached = prompt.len() + ids.len() - 1;
+        next = one_step(ctx, model, &kv, &table, &[next], cached, opts, &mut sampler)?;
     }
     Ok(Generated {
         ids,

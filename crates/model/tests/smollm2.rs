@@ -98,7 +98,7 @@ mod generation {
     use super::model;
     use std::sync::Arc;
     use vllm_apple_model::dense::DenseModel;
-    use vllm_apple_model::runner::generate_greedy;
+    use vllm_apple_model::runner::{generate, Sampling};
     use vllm_apple_model::tokenizer::GgufTokenizer;
     use vllm_apple_ops::kernels::attention::AttentionOptions;
     use vllm_apple_ops::{ContextOptions, DType, GpuContext};
@@ -143,11 +143,36 @@ mod generation {
             .unwrap();
         let ids = tok.encode(&prompt).unwrap();
         let stop: Vec<u32> = tok.eos.into_iter().collect();
-        let out = generate_greedy(&ctx, &m, &ids, 16, &stop, &AttentionOptions::default()).unwrap();
+        let opts = AttentionOptions::default();
+        let out = generate(&ctx, &m, &ids, 16, &stop, &opts, Sampling::greedy()).unwrap();
         let text = tok.decode(&out.ids, true).unwrap();
         assert!(
             text.starts_with("The capital of France is Paris"),
             "got {text:?}"
         );
+        // Sampling is reproducible for a seed, and the reference attention path and the
+        // separate KV-write submission give the same greedy answer.
+        let hot = Sampling {
+            temperature: 0.8,
+            seed: 7,
+        };
+        let a = generate(&ctx, &m, &ids, 6, &stop, &opts, hot).unwrap().ids;
+        let b = generate(&ctx, &m, &ids, 6, &stop, &opts, hot).unwrap().ids;
+        assert_eq!(a, b);
+        let plain = AttentionOptions {
+            paged: false,
+            fused_kv: false,
+            partition: None,
+        };
+        let again = generate(&ctx, &m, &ids, 16, &stop, &plain, Sampling::greedy()).unwrap();
+        assert_eq!(again.ids, out.ids);
+        let e = generate(&ctx, &m, &[], 4, &stop, &opts, Sampling::greedy())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = generate(&ctx, &m, &[60000], 4, &stop, &opts, Sampling::greedy())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("vocabulary"), "{e}");
     }
 }
