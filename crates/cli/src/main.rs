@@ -2,6 +2,7 @@
 
 mod bench;
 mod env;
+mod generate;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Print the GPU adapter, backend, driver, features and limits.
     Env,
+    /// Generate text for one or more prompts.
+    Generate(generate::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -45,6 +48,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Env => env::run(&opts),
+        Command::Generate(args) => generate::run(&opts, args),
         Command::Bench { what } => bench::run(&opts, what),
     };
     if let Err(e) = result {

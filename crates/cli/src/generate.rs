@@ -1,0 +1,105 @@
+//! `vllm-apple generate`: prompts in, completions out, through our kernels.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::gguf::GgufFile;
+use vllm_apple_model::runner::{generate, Sampling};
+use vllm_apple_model::tokenizer::GgufTokenizer;
+use vllm_apple_ops::kernels::attention::AttentionOptions;
+use vllm_apple_ops::{ContextOptions, DType, GpuContext};
+
+/// Where scripts/fetch-assets.sh puts the embedded default model.
+const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// A GGUF model file (Hugging Face folders and hub ids come with the safetensors loader).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Tokens to generate per prompt.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Apply the model's chat template (each prompt as one user message).
+    #[arg(long)]
+    chat: bool,
+    /// Print one JSON object per prompt (prompt and completion, text and token ids).
+    #[arg(long)]
+    json: bool,
+    /// Weight dtype on the GPU: float16, bfloat16 or float32.
+    #[arg(long, default_value = "float16")]
+    dtype: String,
+    #[arg(required = true)]
+    prompts: Vec<String>,
+}
+
+pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "float16" | "f16" | "half" | "auto" => DType::F16,
+        "bfloat16" | "bf16" => DType::BF16,
+        "float32" | "f32" | "float" => DType::F32,
+        d => bail!("--dtype {d}: expected float16, bfloat16 or float32"),
+    };
+    if args.model.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        bail!(
+            "--model {}: only GGUF files load so far (Hugging Face folders and hub ids come next)",
+            args.model.display()
+        );
+    }
+    let file = GgufFile::open(&args.model).with_context(|| {
+        if args.model == PathBuf::from(DEFAULT_MODEL) {
+            "the default model is fetched by scripts/fetch-assets.sh".to_string()
+        } else {
+            format!("loading {}", args.model.display())
+        }
+    })?;
+    let tok = GgufTokenizer::from_gguf(&file.gguf)?;
+    let ctx = GpuContext::new(opts)?;
+    let model = DenseModel::from_gguf(&ctx, &file, dtype)?;
+    let attn = AttentionOptions::from_env()?;
+    let sampling = Sampling {
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    let stop: Vec<u32> = tok.eos.into_iter().collect();
+    for prompt in &args.prompts {
+        let text = if args.chat {
+            tok.apply_chat_template(&[("user", prompt)], true)?
+        } else {
+            prompt.clone()
+        };
+        let ids = tok.encode(&text)?;
+        let out = generate(&ctx, &model, &ids, args.max_tokens, &stop, &attn, sampling)?;
+        let completion = tok.decode(&out.ids, true)?;
+        let decode_tok_s = out.ids.len().saturating_sub(1) as f64 / out.decode_seconds.max(1e-9);
+        if args.json {
+            let obj = serde_json::json!({
+                "prompt": text,
+                "prompt_token_ids": ids,
+                "completion": completion,
+                "completion_token_ids": out.ids,
+                "prefill_seconds": out.prefill_seconds,
+                "decode_tokens_per_second": decode_tok_s,
+            });
+            println!("{obj}");
+        } else {
+            println!("{prompt}\n=> {completion}");
+            eprintln!(
+                "[{} prompt tokens in {:.2} s, {} generated at {:.1} tok/s on {}]",
+                ids.len(),
+                out.prefill_seconds,
+                out.ids.len(),
+                decode_tok_s,
+                ctx.info.name
+            );
+        }
+    }
+    Ok(())
+}
