@@ -176,3 +176,69 @@ mod generation {
         assert!(e.to_string().contains("vocabulary"), "{e}");
     }
 }
+
+/// Greedy continuations against Hugging Face transformers on the same GGUF weights
+/// (fixture made by scripts/make_smollm2_reference.py: transformers 5.24, float32).
+mod parity {
+    use super::model;
+    use vllm_apple_model::dense::DenseModel;
+    use vllm_apple_model::runner::{generate, Sampling};
+    use vllm_apple_model::tokenizer::GgufTokenizer;
+    use vllm_apple_ops::kernels::attention::AttentionOptions;
+    use vllm_apple_ops::{ContextOptions, DType, GpuContext};
+
+    fn ids(v: &serde_json::Value) -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    fn check(dtype: DType) {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("fixtures/smollm2_greedy.json")).unwrap();
+        let ctx = GpuContext::new(&ContextOptions::default()).unwrap();
+        let f = model();
+        let tok = GgufTokenizer::from_gguf(&f.gguf).unwrap();
+        let m = DenseModel::from_gguf(&ctx, &f, dtype).unwrap();
+        for case in fixture["cases"].as_array().unwrap() {
+            let prompt = case["prompt"].as_str().unwrap();
+            let text = tok.apply_chat_template(&[("user", prompt)], true).unwrap();
+            assert_eq!(text, case["text"].as_str().unwrap(), "chat template");
+            let prompt_ids = tok.encode(&text).unwrap();
+            assert_eq!(
+                prompt_ids,
+                ids(&case["prompt_ids"]),
+                "tokenization of {prompt:?}"
+            );
+            let want = ids(&case["greedy_ids"]);
+            let out = generate(
+                &ctx,
+                &m,
+                &prompt_ids,
+                want.len(),
+                &[],
+                &AttentionOptions::default(),
+                Sampling::greedy(),
+            )
+            .unwrap();
+            assert_eq!(
+                out.ids,
+                want,
+                "{dtype} greedy continuation of {prompt:?}: got {:?}",
+                tok.decode(&out.ids, false)
+            );
+        }
+    }
+
+    #[test]
+    fn greedy_matches_transformers_in_float32() {
+        check(DType::F32);
+    }
+
+    #[test]
+    fn greedy_matches_transformers_in_float16() {
+        check(DType::F16);
+    }
+}
