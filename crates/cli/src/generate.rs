@@ -54,7 +54,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         );
     }
     let file = GgufFile::open(&args.model).with_context(|| {
-        if args.model == PathBuf::from(DEFAULT_MODEL) {
+        if args.model.as_path() == std::path::Path::new(DEFAULT_MODEL) {
             "the default model is fetched by scripts/fetch-assets.sh".to_string()
         } else {
             format!("loading {}", args.model.display())
