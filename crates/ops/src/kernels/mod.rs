@@ -6,6 +6,7 @@ pub mod argmax;
 pub mod attention;
 pub mod copy;
 pub mod embedding;
+pub mod fill;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
@@ -66,5 +67,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(argmax::variants());
     v.extend(copy::variants());
     v.extend(attention::variants());
+    v.extend(fill::variants());
     v
 }
