@@ -193,6 +193,56 @@ impl DenseModel {
         })
     }
 
+    /// Random weights for `cfg` generated on the GPU (vLLM's `load_format = "dummy"`), scaled
+    /// so activations stay in range; for benchmarks.
+    pub fn dummy(
+        ctx: &GpuContext,
+        cfg: ModelConfig,
+        dtype: DType,
+        seed: u32,
+    ) -> Result<DenseModel, ModelError> {
+        let (h, d, hq, hkv, f) = (cfg.hidden, cfg.head_dim, cfg.q_heads, cfg.kv_heads, cfg.ffn);
+        let mut next = seed;
+        let mut w = |label: &str, n: usize, k: usize| {
+            next = next.wrapping_add(0x9e37_79b9);
+            Weight::random(ctx, label, n, k, dtype, 1.0 / (k as f32).sqrt(), next)
+        };
+        let ones = |k: usize| ctx.upload_f32(&[k], DType::F32, &vec![1.0; k]);
+        let embed = w("token_embd", cfg.vocab, h)?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            layers.push(Layer {
+                attn_norm: ones(h)?,
+                qkv: w("qkv", (hq + 2 * hkv) * d, h)?,
+                o: w("attn_output", h, hq * d)?,
+                ffn_norm: ones(h)?,
+                gate_up: w("gate_up", 2 * f, h)?,
+                down: w("ffn_down", h, f)?,
+                qk_norm: if cfg.qk_norm {
+                    Some((ones(d)?, ones(d)?))
+                } else {
+                    None
+                },
+            });
+        }
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(w("output", cfg.vocab, h)?)
+        };
+        let inv = rope::inv_freq(d, cfg.rope_theta, cfg.rope_scaling);
+        ctx.wait_idle()?;
+        Ok(DenseModel {
+            final_norm: ones(h)?,
+            inv_freq: ctx.upload_f32(&[d / 2], DType::F32, &inv)?,
+            embed,
+            layers,
+            lm_head,
+            dtype,
+            cfg,
+        })
+    }
+
     pub fn kv_spec(&self, block_size: usize) -> KvCacheSpec {
         KvCacheSpec {
             num_layers: self.cfg.layers,

@@ -114,23 +114,49 @@ impl Weight {
 impl Weight {
     /// `[n, k]` random weights uniform in [-scale, scale), generated on the GPU (dummy
     /// weights for benchmarks; the step is submitted here).
-    pub fn random(ctx: &GpuContext, label: &str, n: usize, k: usize, dtype: DType, scale: f32, seed: u32) -> Result<Weight> {
+    pub fn random(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u32,
+    ) -> Result<Weight> {
         let row_bytes = (k * dtype.size()) as u64;
         if row_bytes % 4 != 0 {
-            return Err(shape_err("random weight", format!("{label}: rows of {row_bytes} bytes")));
+            return Err(shape_err(
+                "random weight",
+                format!("{label}: rows of {row_bytes} bytes"),
+            ));
         }
-        let rows_per_chunk = ((ctx.max_binding_bytes() / row_bytes.max(1)) as usize / 64 * 64).max(1);
+        let rows_per_chunk =
+            ((ctx.max_binding_bytes() / row_bytes.max(1)) as usize / 64 * 64).max(1);
         let mut chunks = Vec::new();
         let mut step = crate::recorder::Step::new(ctx);
         let mut row_start = 0;
         while row_start < n {
             let rows = rows_per_chunk.min(n - row_start);
             let tensor = ctx.persistent(label, &[rows, k], dtype)?;
-            crate::kernels::fill::fill_uniform(&mut step, &tensor, scale, seed.wrapping_add(row_start as u32))?;
-            chunks.push(WeightChunk { row_start, rows, tensor });
+            crate::kernels::fill::fill_uniform(
+                &mut step,
+                &tensor,
+                scale,
+                seed.wrapping_add(row_start as u32),
+            )?;
+            chunks.push(WeightChunk {
+                row_start,
+                rows,
+                tensor,
+            });
             row_start += rows;
         }
         step.submit()?;
-        Ok(Weight { n, k, dtype, chunks })
+        Ok(Weight {
+            n,
+            k,
+            dtype,
+            chunks,
+        })
     }
 }

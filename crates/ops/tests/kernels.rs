@@ -489,11 +489,22 @@ fn random_fill_is_bounded_centred_and_seeded() {
         let c = Weight::random(ctx, "r", 70, 96, dt, 0.5, 12).unwrap();
         ctx.wait_idle().unwrap();
         let va = a.chunks[0].tensor.to_f32_vec(ctx).unwrap();
-        assert_eq!(va, b.chunks[0].tensor.to_f32_vec(ctx).unwrap(), "{dt}: same seed");
-        assert_ne!(va, c.chunks[0].tensor.to_f32_vec(ctx).unwrap(), "{dt}: other seed");
+        assert_eq!(
+            va,
+            b.chunks[0].tensor.to_f32_vec(ctx).unwrap(),
+            "{dt}: same seed"
+        );
+        assert_ne!(
+            va,
+            c.chunks[0].tensor.to_f32_vec(ctx).unwrap(),
+            "{dt}: other seed"
+        );
         assert!(va.iter().all(|x| x.abs() <= 0.5 + 1e-3), "{dt}: bounded");
         let mean = va.iter().sum::<f32>() / va.len() as f32;
         let var = va.iter().map(|x| x * x).sum::<f32>() / va.len() as f32;
-        assert!(mean.abs() < 0.02 && (var - 0.25 / 3.0).abs() < 0.01, "{dt}: mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.02 && (var - 0.25 / 3.0).abs() < 0.01,
+            "{dt}: mean {mean} var {var}"
+        );
     }
 }

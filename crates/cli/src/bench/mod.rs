@@ -2,6 +2,7 @@
 //! them (CPU wall time over a batch of repetitions otherwise), reported as medians.
 
 mod attention;
+mod decode;
 mod kernels;
 mod timer;
 
@@ -15,11 +16,14 @@ pub enum BenchCommand {
     Kernels(kernels::Args),
     /// Paged attention: decode bandwidth over batch x context, prefill throughput.
     Attention(attention::Args),
+    /// Whole-model single-sequence prefill and decode speed against the roofline.
+    Decode(decode::Args),
 }
 
 pub fn run(opts: &ContextOptions, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels::run(opts, args),
         BenchCommand::Attention(args) => attention::run(opts, args),
+        BenchCommand::Decode(args) => decode::run(opts, args),
     }
 }

@@ -20,9 +20,17 @@ pub(crate) fn variants() -> Vec<Kernel> {
 /// Fills a float tensor with values uniform in [-scale, scale), reproducible for `seed`.
 pub fn fill_uniform(step: &mut Step, t: &Tensor, scale: f32, seed: u32) -> Result<()> {
     if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) || t.nbytes() % 4 != 0 {
-        return Err(shape_err("fill", format!("{t:?}: need a float tensor of whole 4-byte words")));
+        return Err(shape_err(
+            "fill",
+            format!("{t:?}: need a float tensor of whole 4-byte words"),
+        ));
     }
     let words = t.nbytes() / 4;
     let groups = grid(step.ctx, (words as usize).div_ceil(256));
-    step.dispatch(&kernel(t.dtype()), &[t], &[words as u32, seed, scale.to_bits(), groups[0]], groups)
+    step.dispatch(
+        &kernel(t.dtype()),
+        &[t],
+        &[words as u32, seed, scale.to_bits(), groups[0]],
+        groups,
+    )
 }

@@ -1,0 +1,109 @@
+//! `vllm-apple bench decode`: single-sequence generation speed of a whole model, real (GGUF)
+//! or dummy (random weights from a Hugging Face config.json, made on the GPU), against the
+//! bandwidth roofline: weight bytes read per token / copy-kernel bandwidth.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use vllm_apple_model::config::ModelConfig;
+use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::gguf::GgufFile;
+use vllm_apple_model::runner::{generate, Sampling};
+use vllm_apple_ops::kernels::attention::AttentionOptions;
+use vllm_apple_ops::{ContextOptions, DType, GpuContext};
+
+use super::timer::copy_kernel_bandwidth;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// A GGUF model file.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// A Hugging Face config.json: random weights of that shape (load_format dummy).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Weight dtype: f16, bf16 or f32.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Generated tokens.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+}
+
+pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f32" | "float32" => DType::F32,
+        d => bail!("--dtype {d}: expected f16, bf16 or f32"),
+    };
+    if args.prompt == 0 || args.tokens < 2 {
+        bail!("--prompt must be positive and --tokens at least 2");
+    }
+    let ctx = GpuContext::new(opts)?;
+    let t0 = std::time::Instant::now();
+    let (model, what) = match (&args.model, &args.config) {
+        (Some(path), None) => {
+            let file = GgufFile::open(path)?;
+            (
+                DenseModel::from_gguf(&ctx, &file, dtype)?,
+                path.display().to_string(),
+            )
+        }
+        (None, Some(path)) => {
+            let cfg = ModelConfig::from_hf_config(&std::fs::read_to_string(path)?)?;
+            (
+                DenseModel::dummy(&ctx, cfg, dtype, 1)?,
+                format!("{} (dummy weights)", path.display()),
+            )
+        }
+        _ => bail!("give --model FILE.gguf or --config config.json"),
+    };
+    let load = t0.elapsed().as_secs_f64();
+    let copy = copy_kernel_bandwidth(&ctx, 1 << 30, 10)?;
+    let prompt: Vec<u32> = (0..args.prompt)
+        .map(|i| ((i * 7919 + 13) % model.cfg.vocab) as u32)
+        .collect();
+    let attn = AttentionOptions::from_env()?;
+    // Warm-up (pipelines, pool), then the measured run.
+    generate(&ctx, &model, &prompt, 2, &[], &attn, Sampling::greedy())?;
+    let out = generate(
+        &ctx,
+        &model,
+        &prompt,
+        args.tokens,
+        &[],
+        &attn,
+        Sampling::greedy(),
+    )?;
+    let decode_tok_s = (out.ids.len() - 1) as f64 / out.decode_seconds;
+    let bytes = model.weight_bytes() as f64;
+    let roofline = copy / bytes;
+    println!(
+        "model: {what}, {} layers, {:.2} GB of {dtype} weights, loaded in {load:.1} s",
+        model.cfg.layers,
+        bytes / 1e9
+    );
+    println!(
+        "device: {} ({:?}); copy kernel {:.1} GB/s",
+        ctx.info.name,
+        ctx.info.backend,
+        copy / 1e9
+    );
+    println!(
+        "prefill {} tokens: {:.1} ms ({:.0} tok/s)",
+        args.prompt,
+        out.prefill_seconds * 1e3,
+        args.prompt as f64 / out.prefill_seconds
+    );
+    println!(
+        "decode: {decode_tok_s:.1} tok/s = {:.2} ms/token; roofline {roofline:.1} tok/s (weights / copy bandwidth): {:.1}%",
+        1e3 / decode_tok_s,
+        100.0 * decode_tok_s / roofline
+    );
+    Ok(())
+}
