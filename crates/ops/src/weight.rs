@@ -124,7 +124,7 @@ impl Weight {
         seed: u32,
     ) -> Result<Weight> {
         let row_bytes = (k * dtype.size()) as u64;
-        if row_bytes % 4 != 0 {
+        if !row_bytes.is_multiple_of(4) {
             return Err(shape_err(
                 "random weight",
                 format!("{label}: rows of {row_bytes} bytes"),

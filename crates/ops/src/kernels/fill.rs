@@ -19,7 +19,8 @@ pub(crate) fn variants() -> Vec<Kernel> {
 
 /// Fills a float tensor with values uniform in [-scale, scale), reproducible for `seed`.
 pub fn fill_uniform(step: &mut Step, t: &Tensor, scale: f32, seed: u32) -> Result<()> {
-    if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) || t.nbytes() % 4 != 0 {
+    if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) || !t.nbytes().is_multiple_of(4)
+    {
         return Err(shape_err(
             "fill",
             format!("{t:?}: need a float tensor of whole 4-byte words"),
