@@ -39,6 +39,9 @@ pub struct Generated {
     pub ids: Vec<u32>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Host time spent building inputs and recording the decode steps (the GPU is idle then:
+    /// nothing overlaps yet), out of `decode_seconds`.
+    pub decode_record_seconds: f64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -51,7 +54,9 @@ fn one_step(
     cached: usize,
     opts: &AttentionOptions,
     sampler: &mut Option<(f32, StdRng)>,
+    record_seconds: &mut f64,
 ) -> Result<u32, ModelError> {
+    let t0 = Instant::now();
     let seq = SeqSlice {
         block_table: table,
         num_cached: cached,
@@ -65,6 +70,7 @@ fn one_step(
     let logits = model.forward(&mut step, &ids, &meta, kv, &last, opts)?;
     let Some((temperature, rng)) = sampler else {
         argmax::argmax(&mut step, &logits, &out)?;
+        *record_seconds += t0.elapsed().as_secs_f64();
         step.submit_and_wait()?;
         return Ok(out.to_u32_vec(ctx)?[0]);
     };
@@ -123,7 +129,19 @@ pub fn generate(
     let table: Vec<u32> = (0..blocks as u32).collect();
     let t0 = Instant::now();
     let mut ids = Vec::new();
-    let mut next = one_step(ctx, model, &kv, &table, prompt, 0, opts, &mut sampler)?;
+    let mut prefill_record = 0.0;
+    let mut record = 0.0;
+    let mut next = one_step(
+        ctx,
+        model,
+        &kv,
+        &table,
+        prompt,
+        0,
+        opts,
+        &mut sampler,
+        &mut prefill_record,
+    )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     while ids.len() < max_tokens {
@@ -132,11 +150,22 @@ pub fn generate(
             break;
         }
         let cached = prompt.len() + ids.len() - 1;
-        next = one_step(ctx, model, &kv, &table, &[next], cached, opts, &mut sampler)?;
+        next = one_step(
+            ctx,
+            model,
+            &kv,
+            &table,
+            &[next],
+            cached,
+            opts,
+            &mut sampler,
+            &mut record,
+        )?;
     }
     Ok(Generated {
         ids,
         prefill_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
+        decode_record_seconds: record,
     })
 }

@@ -105,5 +105,11 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         1e3 / decode_tok_s,
         100.0 * decode_tok_s / roofline
     );
+    let steps = (out.ids.len() - 1) as f64;
+    println!(
+        "per decode step: {:.2} ms recording on the host (GPU idle), {:.2} ms submit + GPU + read-back",
+        1e3 * out.decode_record_seconds / steps,
+        1e3 * (out.decode_seconds - out.decode_record_seconds) / steps
+    );
     Ok(())
 }
