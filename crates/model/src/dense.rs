@@ -14,6 +14,7 @@ use vllm_apple_ops::{DType, GpuContext, OpsError, Step, Tensor, Weight};
 
 use crate::config::{Arch, ConfigError, ModelConfig};
 use crate::gguf::{GgufError, GgufFile};
+use crate::safetensors_dir::{SafetensorsDir, SafetensorsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -23,6 +24,8 @@ pub enum ModelError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Ops(#[from] OpsError),
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
     #[error("tensor '{name}' has shape {got:?}, expected {want:?}")]
     Shape {
         name: String,
@@ -69,29 +72,90 @@ fn unpermute_rows(w: &[f32], heads: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// Where weights come from; the loader asks by Hugging Face tensor name.
+enum Source<'a> {
+    Gguf(&'a GgufFile),
+    Hf(&'a SafetensorsDir),
+}
+
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = hf.strip_prefix("model.layers.") else {
+        return hf.into();
+    };
+    let (layer, part) = rest.split_once('.').unwrap_or((rest, ""));
+    let part = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => other,
+    };
+    format!("blk.{layer}.{part}")
+}
+
 struct Loader<'a> {
     ctx: &'a GpuContext,
-    file: &'a GgufFile,
+    src: Source<'a>,
     dtype: DType,
 }
 
 impl Loader<'_> {
-    /// A tensor as f32 in Hugging Face layout, checked against the expected `[n, k]`.
+    /// A tensor as f32 in Hugging Face layout, checked against the expected `[n, k]`
+    /// (`n == 1`: a vector of `k`).
     fn f32(&self, name: &str, n: usize, k: usize) -> Result<Vec<f32>, ModelError> {
-        let (info, _) = self.file.tensor_data(name)?;
-        let want = if n == 1 {
-            vec![k as u64]
-        } else {
-            vec![k as u64, n as u64]
+        let shape_err = |got: Vec<u64>| ModelError::Shape {
+            name: name.into(),
+            got,
+            want: if n == 1 {
+                vec![k as u64]
+            } else {
+                vec![n as u64, k as u64]
+            },
         };
-        if info.dims != want {
-            return Err(ModelError::Shape {
-                name: name.into(),
-                got: info.dims.clone(),
-                want,
-            });
+        match self.src {
+            Source::Gguf(file) => {
+                let g = gguf_name(name);
+                let (info, _) = file.tensor_data(&g)?;
+                let want = if n == 1 {
+                    vec![k as u64]
+                } else {
+                    vec![k as u64, n as u64]
+                };
+                if info.dims != want {
+                    return Err(shape_err(info.dims.iter().rev().copied().collect()));
+                }
+                Ok(file.tensor_f32(&g)?)
+            }
+            Source::Hf(dir) => {
+                let (shape, v) = dir.f32(name)?;
+                let want: Vec<usize> = if n == 1 { vec![k] } else { vec![n, k] };
+                if shape != want {
+                    return Err(shape_err(shape.iter().map(|&x| x as u64).collect()));
+                }
+                Ok(v)
+            }
         }
-        Ok(self.file.tensor_f32(name)?)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self.src {
+            Source::Gguf(f) => f.gguf.tensor(&gguf_name(name)).is_some(),
+            Source::Hf(d) => d.contains(name),
+        }
     }
 
     fn norm(&self, name: &str, k: usize) -> Result<Tensor, ModelError> {
@@ -121,74 +185,115 @@ impl DenseModel {
         dtype: DType,
     ) -> Result<DenseModel, ModelError> {
         let cfg = ModelConfig::from_gguf(&file.gguf)?;
-        let l = Loader { ctx, file, dtype };
+        // llama.cpp's converter interleaves the rotary halves of llama q/k heads.
+        let permuted = cfg.arch == Arch::Llama;
+        Self::load(
+            Loader {
+                ctx,
+                src: Source::Gguf(file),
+                dtype,
+            },
+            cfg,
+            permuted,
+        )
+    }
+
+    /// Loads a Hugging Face folder (config.json + safetensors), converting to `dtype`.
+    pub fn from_hf_dir(
+        ctx: &GpuContext,
+        dir: &SafetensorsDir,
+        dtype: DType,
+    ) -> Result<DenseModel, ModelError> {
+        let path = dir.dir().join("config.json");
+        let json = std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
+            key: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let cfg = ModelConfig::from_hf_config(&json)?;
+        Self::load(
+            Loader {
+                ctx,
+                src: Source::Hf(dir),
+                dtype,
+            },
+            cfg,
+            false,
+        )
+    }
+
+    fn load(l: Loader, cfg: ModelConfig, permuted: bool) -> Result<DenseModel, ModelError> {
+        let ctx = l.ctx;
         let (h, d, hq, hkv, f) = (cfg.hidden, cfg.head_dim, cfg.q_heads, cfg.kv_heads, cfg.ffn);
-        let llama_perm = cfg.arch == Arch::Llama;
         let embed = l.weight(
-            "token_embd",
+            "embed",
             cfg.vocab,
             h,
-            l.f32("token_embd.weight", cfg.vocab, h)?,
+            l.f32("model.embed_tokens.weight", cfg.vocab, h)?,
         )?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let mut q = l.f32(&p("attn_q.weight"), hq * d, h)?;
-            let mut k = l.f32(&p("attn_k.weight"), hkv * d, h)?;
-            if llama_perm {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let mut q = l.f32(&p("self_attn.q_proj.weight"), hq * d, h)?;
+            let mut k = l.f32(&p("self_attn.k_proj.weight"), hkv * d, h)?;
+            if permuted {
                 q = unpermute_rows(&q, hq, h);
                 k = unpermute_rows(&k, hkv, h);
             }
-            let v = l.f32(&p("attn_v.weight"), hkv * d, h)?;
+            let v = l.f32(&p("self_attn.v_proj.weight"), hkv * d, h)?;
             let qkv: Vec<f32> = q.into_iter().chain(k).chain(v).collect();
-            let gate = l.f32(&p("ffn_gate.weight"), f, h)?;
-            let up = l.f32(&p("ffn_up.weight"), f, h)?;
+            let gate = l.f32(&p("mlp.gate_proj.weight"), f, h)?;
+            let up = l.f32(&p("mlp.up_proj.weight"), f, h)?;
             let qk_norm = if cfg.qk_norm {
                 Some((
-                    l.norm(&p("attn_q_norm.weight"), d)?,
-                    l.norm(&p("attn_k_norm.weight"), d)?,
+                    l.norm(&p("self_attn.q_norm.weight"), d)?,
+                    l.norm(&p("self_attn.k_norm.weight"), d)?,
                 ))
             } else {
                 None
             };
             layers.push(Layer {
-                attn_norm: l.norm(&p("attn_norm.weight"), h)?,
+                attn_norm: l.norm(&p("input_layernorm.weight"), h)?,
                 qkv: l.weight(&p("qkv"), (hq + 2 * hkv) * d, h, qkv)?,
                 o: l.weight(
-                    &p("attn_output"),
+                    &p("o_proj"),
                     h,
                     hq * d,
-                    l.f32(&p("attn_output.weight"), h, hq * d)?,
+                    l.f32(&p("self_attn.o_proj.weight"), h, hq * d)?,
                 )?,
-                ffn_norm: l.norm(&p("ffn_norm.weight"), h)?,
+                ffn_norm: l.norm(&p("post_attention_layernorm.weight"), h)?,
                 gate_up: l.weight(
                     &p("gate_up"),
                     2 * f,
                     h,
                     gate.into_iter().chain(up).collect(),
                 )?,
-                down: l.weight(&p("ffn_down"), h, f, l.f32(&p("ffn_down.weight"), h, f)?)?,
+                down: l.weight(
+                    &p("down_proj"),
+                    h,
+                    f,
+                    l.f32(&p("mlp.down_proj.weight"), h, f)?,
+                )?,
                 qk_norm,
             });
         }
-        let lm_head = if cfg.tie_embeddings {
+        let lm_head = if cfg.tie_embeddings || !l.has("lm_head.weight") {
             None
         } else {
             Some(l.weight(
-                "output",
+                "lm_head",
                 cfg.vocab,
                 h,
-                l.f32("output.weight", cfg.vocab, h)?,
+                l.f32("lm_head.weight", cfg.vocab, h)?,
             )?)
         };
         let inv = rope::inv_freq(d, cfg.rope_theta, cfg.rope_scaling);
         Ok(DenseModel {
-            final_norm: l.norm("output_norm.weight", h)?,
+            final_norm: l.norm("model.norm.weight", h)?,
             inv_freq: ctx.upload_f32(&[d / 2], DType::F32, &inv)?,
             embed,
             layers,
             lm_head,
-            dtype,
+            dtype: l.dtype,
             cfg,
         })
     }

@@ -5,4 +5,5 @@ pub mod dense;
 pub mod dequant;
 pub mod gguf;
 pub mod runner;
+pub mod safetensors_dir;
 pub mod tokenizer;
