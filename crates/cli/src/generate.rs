@@ -1,12 +1,12 @@
 //! `vllm-apple generate`: prompts in, completions out, through our kernels.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_model::dense::DenseModel;
 use vllm_apple_model::gguf::GgufFile;
+use vllm_apple_model::resolve::{hub_cache, resolve, ModelLocation};
 use vllm_apple_model::runner::{generate, Sampling};
+use vllm_apple_model::safetensors_dir::SafetensorsDir;
 use vllm_apple_model::tokenizer::GgufTokenizer;
 use vllm_apple_ops::kernels::attention::AttentionOptions;
 use vllm_apple_ops::{ContextOptions, DType, GpuContext};
@@ -16,9 +16,10 @@ const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// A GGUF model file (Hugging Face folders and hub ids come with the safetensors loader).
+    /// A GGUF file, a Hugging Face folder (config.json + safetensors + tokenizer.json), or a
+    /// hub id such as Qwen/Qwen3-0.6B found in the local Hugging Face cache.
     #[arg(long, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    model: String,
     /// Tokens to generate per prompt.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
@@ -47,22 +48,27 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         "float32" | "f32" | "float" => DType::F32,
         d => bail!("--dtype {d}: expected float16, bfloat16 or float32"),
     };
-    if args.model.extension().and_then(|e| e.to_str()) != Some("gguf") {
-        bail!(
-            "--model {}: only GGUF files load so far (Hugging Face folders and hub ids come next)",
-            args.model.display()
-        );
-    }
-    let file = GgufFile::open(&args.model).with_context(|| {
-        if args.model.as_path() == std::path::Path::new(DEFAULT_MODEL) {
+    let location = resolve(&args.model, &hub_cache()).with_context(|| {
+        if args.model == DEFAULT_MODEL {
             "the default model is fetched by scripts/fetch-assets.sh".to_string()
         } else {
-            format!("loading {}", args.model.display())
+            format!("--model {}", args.model)
         }
     })?;
-    let tok = GgufTokenizer::from_gguf(&file.gguf)?;
     let ctx = GpuContext::new(opts)?;
-    let model = DenseModel::from_gguf(&ctx, &file, dtype)?;
+    let (tok, model) = match &location {
+        ModelLocation::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            (
+                GgufTokenizer::from_gguf(&file.gguf)?,
+                DenseModel::from_gguf(&ctx, &file, dtype)?,
+            )
+        }
+        ModelLocation::HfDir(dir) => (
+            GgufTokenizer::from_hf_dir(dir)?,
+            DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?,
+        ),
+    };
     let attn = AttentionOptions::from_env()?;
     let sampling = Sampling {
         temperature: args.temperature,

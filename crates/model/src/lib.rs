@@ -4,6 +4,7 @@ pub mod config;
 pub mod dense;
 pub mod dequant;
 pub mod gguf;
+pub mod resolve;
 pub mod runner;
 pub mod safetensors_dir;
 pub mod tokenizer;

@@ -24,6 +24,8 @@ pub enum TokenizerError {
     Template(String),
     #[error("the model has no chat template")]
     NoTemplate,
+    #[error("cannot read {path}: {detail}")]
+    File { path: String, detail: String },
 }
 
 pub struct GgufTokenizer {
@@ -120,6 +122,54 @@ impl GgufTokenizer {
                 .get("tokenizer.chat_template")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+        })
+    }
+
+    /// From a Hugging Face folder: tokenizer.json, with the chat template and the bos/eos
+    /// tokens from tokenizer_config.json (or chat_template.jinja) and generation_config.json.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<GgufTokenizer, TokenizerError> {
+        let file_err = |p: &std::path::Path, e: String| TokenizerError::File {
+            path: p.display().to_string(),
+            detail: e,
+        };
+        let tj = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&tj).map_err(|e| file_err(&tj, e.to_string()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| file_err(&cfg_path, e.to_string()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token_text = |v: &serde_json::Value| -> Option<String> {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v["content"].as_str().map(str::to_string))
+        };
+        let bos_text = token_text(&cfg["bos_token"]);
+        let eos_text = token_text(&cfg["eos_token"]);
+        let gen: serde_json::Value = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let first_id = |v: &serde_json::Value| {
+            v.as_u64()
+                .or_else(|| v.as_array().and_then(|a| a.first()?.as_u64()))
+        };
+        let eos = first_id(&gen["eos_token_id"])
+            .map(|x| x as u32)
+            .or_else(|| eos_text.as_deref().and_then(|t| inner.token_to_id(t)));
+        let bos = bos_text.as_deref().and_then(|t| inner.token_to_id(t));
+        let chat_template = cfg["chat_template"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        Ok(GgufTokenizer {
+            inner,
+            bos,
+            eos,
+            add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false),
+            chat_template,
+            bos_text: bos_text.unwrap_or_default(),
+            eos_text: eos_text.unwrap_or_default(),
         })
     }
 
