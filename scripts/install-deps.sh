@@ -40,6 +40,7 @@ linux() {
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
   command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   local mesa_old=0
   if dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^22\.'; then mesa_old=1; fi
   if [ ${#missing[@]} -gt 0 ] || [ $mesa_old = 1 ]; then
@@ -58,6 +59,9 @@ linux() {
 
 case "$(uname -s)" in
   Linux) linux ;;
-  Darwin) need_rust ;;
+  Darwin)
+    need_rust
+    command -v npm >/dev/null 2>&1 || echo "install-deps: the tests need npm (brew install node)" >&2
+    ;;
   *) echo "install-deps: unsupported OS $(uname -s); install Rust and a Vulkan driver by hand" >&2 ;;
 esac

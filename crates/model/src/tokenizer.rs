@@ -203,26 +203,52 @@ impl GgufTokenizer {
         messages: &[(&str, &str)],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        let msgs: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+            .collect();
+        self.render_chat(
+            &serde_json::Value::Array(msgs),
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
+    }
+
+    /// The general form: OpenAI-style message objects (tool calls and all) and extra template
+    /// variables such as Qwen3's `enable_thinking` or `tools`.
+    pub fn render_chat(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, TokenizerError> {
         let source = self
             .chat_template
             .as_deref()
             .ok_or(TokenizerError::NoTemplate)?;
         let mut env = minijinja::Environment::new();
+        // Hugging Face templates are written for Jinja2 in Python: str methods and all.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", source)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let msgs: Vec<_> = messages
-            .iter()
-            .map(|(role, content)| minijinja::context! { role => role, content => content })
-            .collect();
+        let mut vars = extra.clone();
+        vars.insert("messages".into(), messages.clone());
+        vars.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        vars.entry("bos_token")
+            .or_insert_with(|| self.bos_text.clone().into());
+        vars.entry("eos_token")
+            .or_insert_with(|| self.eos_text.clone().into());
         env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => msgs,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_text,
-                    eos_token => self.eos_text,
-                })
-            })
-            .map_err(|e| TokenizerError::Template(e.to_string()))
+            .and_then(|t| t.render(minijinja::Value::from_serialize(&vars)))
+            .map_err(|e| TokenizerError::Template(format!("{e:#}")))
     }
 }
