@@ -286,7 +286,22 @@ impl DenseModel {
                 l.f32("lm_head.weight", cfg.vocab, h)?,
             )?)
         };
-        let inv = rope::inv_freq(d, cfg.rope_theta, cfg.rope_scaling);
+        let mut inv = rope::inv_freq(d, cfg.rope_theta, cfg.rope_scaling);
+        // llama.cpp stores Llama-3 frequency scaling as per-frequency divisors.
+        if let Source::Gguf(file) = l.src {
+            if file.gguf.tensor("rope_freqs.weight").is_some() {
+                let factors = file.tensor_f32("rope_freqs.weight")?;
+                if factors.len() != inv.len() {
+                    return Err(ModelError::Shape {
+                        name: "rope_freqs.weight".into(),
+                        got: vec![factors.len() as u64],
+                        want: vec![inv.len() as u64],
+                    });
+                }
+                let base = rope::inv_freq(d, cfg.rope_theta, None);
+                inv = base.iter().zip(&factors).map(|(f, s)| f / s).collect();
+            }
+        }
         Ok(DenseModel {
             final_norm: l.norm("model.norm.weight", h)?,
             inv_freq: ctx.upload_f32(&[d / 2], DType::F32, &inv)?,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::gguf::GgufFile;
 use vllm_apple_model::runner::{generate, Sampling};
 use vllm_apple_model::safetensors_dir::SafetensorsDir;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
@@ -65,15 +66,37 @@ fn check(name: &str, dtype: DType) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny")
         .join(name);
+    let st = SafetensorsDir::open(&dir).unwrap();
+    check_model(
+        name,
+        &DenseModel::from_hf_dir(ctx(), &st, dtype).unwrap(),
+        dtype,
+    );
+}
+
+/// The same weights written as GGUF the way llama.cpp lays them out (scripts/make_tiny_gguf.py).
+fn check_gguf(name: &str, dtype: DType) {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/tiny/{name}.gguf"));
+    let file = GgufFile::open(&path).unwrap();
+    check_model(
+        name,
+        &DenseModel::from_gguf(ctx(), &file, dtype).unwrap(),
+        dtype,
+    );
+}
+
+fn check_model(name: &str, m: &DenseModel, dtype: DType) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(name);
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let st = SafetensorsDir::open(&dir).unwrap();
-    let m = DenseModel::from_hf_dir(ctx(), &st, dtype).unwrap();
     let vocab = m.cfg.vocab;
     for case in reference["cases"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
-        let got = all_logits(&m, &prompt);
+        let got = all_logits(m, &prompt);
         let want = case["logits"].as_array().unwrap();
         let mut worst = 0f64;
         let mut scale = 0f64;
@@ -137,6 +160,16 @@ fn llama_bfloat16() {
 #[test]
 fn llama_float16() {
     check("llama", DType::F16);
+}
+
+#[test]
+fn qwen3_gguf() {
+    check_gguf("qwen3", DType::F16);
+}
+
+#[test]
+fn llama_gguf_with_permuted_qk() {
+    check_gguf("llama", DType::F32);
 }
 
 #[test]
