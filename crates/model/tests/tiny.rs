@@ -117,7 +117,7 @@ fn check_model(name: &str, m: &DenseModel, dtype: DType) {
         let want_ids = ids(&case["greedy_ids"]);
         let out = generate(
             ctx(),
-            &m,
+            m,
             &prompt,
             want_ids.len(),
             &[],
