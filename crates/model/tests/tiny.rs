@@ -190,3 +190,40 @@ fn missing_or_mismatched_files_are_errors() {
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn corrupt_safetensors_are_errors_not_panics() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/qwen3");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let dir = std::env::temp_dir().join(format!("vllm-apple-st-corrupt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize + 8;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut errors = 0;
+    for round in 0..300 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut b = bytes.clone();
+        if round % 2 == 0 {
+            b.truncate((state as usize) % header_len.max(1) + 1);
+        } else {
+            let i = (state as usize) % header_len;
+            b[i] = (state >> 32) as u8;
+        }
+        std::fs::write(dir.join("model.safetensors"), &b).unwrap();
+        match SafetensorsDir::open(&dir) {
+            Err(_) => errors += 1,
+            Ok(st) => {
+                for name in ["model.embed_tokens.weight", "model.norm.weight"] {
+                    let _ = st.f32(name);
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        errors > 100,
+        "corrupt headers should mostly be rejected ({errors})"
+    );
+}
