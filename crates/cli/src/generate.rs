@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use vllm_apple_model::config::ModelConfig;
 use vllm_apple_model::dense::DenseModel;
 use vllm_apple_model::gguf::GgufFile;
 use vllm_apple_model::resolve::{hub_cache, resolve, ModelLocation};
@@ -37,6 +38,10 @@ pub struct Args {
     /// Weight dtype on the GPU: float16, bfloat16 or float32.
     #[arg(long, default_value = "float16")]
     dtype: String,
+    /// `auto` loads the weights; `dummy` makes random ones of the model's shape on the GPU
+    /// (Hugging Face folders: config.json and the tokenizer are still read), for benchmarks.
+    #[arg(long, default_value = "auto")]
+    load_format: String,
     #[arg(required = true)]
     prompts: Vec<String>,
 }
@@ -48,6 +53,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         "float32" | "f32" | "float" => DType::F32,
         d => bail!("--dtype {d}: expected float16, bfloat16 or float32"),
     };
+    if !matches!(args.load_format.as_str(), "auto" | "dummy") {
+        bail!("--load-format {}: expected auto or dummy", args.load_format);
+    }
     let location = resolve(&args.model, &hub_cache()).with_context(|| {
         if args.model == DEFAULT_MODEL {
             "the default model is fetched by scripts/fetch-assets.sh".to_string()
@@ -57,12 +65,19 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     })?;
     let ctx = GpuContext::new(opts)?;
     let (tok, model) = match &location {
+        ModelLocation::Gguf(_) if args.load_format == "dummy" => {
+            bail!("--load-format dummy needs a Hugging Face folder (its config.json gives the shapes)")
+        }
         ModelLocation::Gguf(path) => {
             let file = GgufFile::open(path)?;
             (
                 GgufTokenizer::from_gguf(&file.gguf)?,
                 DenseModel::from_gguf(&ctx, &file, dtype)?,
             )
+        }
+        ModelLocation::HfDir(dir) if args.load_format == "dummy" => {
+            let cfg = ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            (GgufTokenizer::from_hf_dir(dir)?, DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?)
         }
         ModelLocation::HfDir(dir) => (
             GgufTokenizer::from_hf_dir(dir)?,
