@@ -8,7 +8,7 @@ import json
 import pathlib
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 root = pathlib.Path(__file__).resolve().parent.parent
 out = root / "crates" / "model" / "tests" / "fixtures" / "tiny"
@@ -18,18 +18,27 @@ N = 16
 common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64, vocab_size=2048, max_position_embeddings=512,
               rms_norm_eps=1e-6, tie_word_embeddings=False)
+qwen2 = dict(common, hidden_size=256)  # Qwen2 derives head_dim = hidden / heads = 64
+qwen2.pop("head_dim")
 models = {
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(rope_theta=1e6, **qwen2)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(rope_theta=1e6, **common)),
     "llama": (LlamaForCausalLM, LlamaConfig(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0,
               "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **common)),
 }
+import sys
+only = sys.argv[1:]
 for name, (cls, cfg) in models.items():
+    if only and name not in only:
+        continue
     torch.manual_seed(0)
     model = cls(cfg)
     with torch.no_grad():  # larger than the default init so the model is far from uniform
-        for p in model.parameters():
+        for pname, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif p.dim() == 1 and "bias" in pname:
+                p.normal_(0, 0.5)  # biases (Qwen2's q/k/v): not left at zero
     d = out / name
     model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
     ref = cls.from_pretrained(d, dtype=torch.float32).eval()

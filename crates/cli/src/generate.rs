@@ -76,8 +76,12 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             )
         }
         ModelLocation::HfDir(dir) if args.load_format == "dummy" => {
-            let cfg = ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
-            (GgufTokenizer::from_hf_dir(dir)?, DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?)
+            let cfg =
+                ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            (
+                GgufTokenizer::from_hf_dir(dir)?,
+                DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?,
+            )
         }
         ModelLocation::HfDir(dir) => (
             GgufTokenizer::from_hf_dir(dir)?,

@@ -20,6 +20,7 @@ pub enum ConfigError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Llama,
+    Qwen2,
     Qwen3,
 }
 
@@ -40,6 +41,8 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Qwen3's per-head RMSNorm of q and k.
     pub qk_norm: bool,
+    /// Qwen2's biases on the q, k and v projections.
+    pub qkv_bias: bool,
 }
 
 impl ModelConfig {
@@ -60,6 +63,7 @@ impl ModelConfig {
         let arch = match archs.first().copied() {
             Some("LlamaForCausalLM") | Some("MistralForCausalLM") => Arch::Llama,
             Some("Qwen3ForCausalLM") => Arch::Qwen3,
+            Some("Qwen2ForCausalLM") => Arch::Qwen2,
             Some(other) => return Err(ConfigError::UnknownArchitecture(other.into())),
             None => return Err(ConfigError::Missing("architectures".into())),
         };
@@ -118,6 +122,7 @@ impl ModelConfig {
             max_position: v["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
             tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
+            qkv_bias: arch == Arch::Qwen2,
         })
     }
 
@@ -129,6 +134,7 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen3" => Arch::Qwen3,
+            "qwen2" => Arch::Qwen2,
             other => return Err(ConfigError::UnknownArchitecture(other.into())),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -201,6 +207,7 @@ impl ModelConfig {
             max_position: uint("context_length").unwrap_or(2048),
             tie_embeddings: g.tensor("output.weight").is_none(),
             qk_norm: arch == Arch::Qwen3,
+            qkv_bias: arch == Arch::Qwen2,
         })
     }
 }

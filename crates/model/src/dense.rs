@@ -7,7 +7,7 @@ use vllm_apple_ops::kernels::attention::{
     self, AttentionOptions, AttnInputs, AttnMetadata, AttnShape,
 };
 use vllm_apple_ops::kernels::rope::{self, RopeShape};
-use vllm_apple_ops::kernels::{activation, embedding, matmul, rmsnorm};
+use vllm_apple_ops::kernels::{activation, bias, embedding, matmul, rmsnorm};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::weight::WeightChunk;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step, Tensor, Weight};
@@ -42,6 +42,8 @@ struct Layer {
     gate_up: Weight,
     down: Weight,
     qk_norm: Option<(Tensor, Tensor)>,
+    /// Qwen2: bias of the fused QKV projection.
+    qkv_bias: Option<Tensor>,
 }
 
 pub struct DenseModel {
@@ -96,6 +98,9 @@ fn gguf_name(hf: &str) -> String {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",
@@ -251,7 +256,16 @@ impl DenseModel {
             } else {
                 None
             };
+            let qkv_bias = if cfg.qkv_bias {
+                let mut b = l.f32(&p("self_attn.q_proj.bias"), 1, hq * d)?;
+                b.extend(l.f32(&p("self_attn.k_proj.bias"), 1, hkv * d)?);
+                b.extend(l.f32(&p("self_attn.v_proj.bias"), 1, hkv * d)?);
+                Some(ctx.upload_f32(&[b.len()], DType::F32, &b)?)
+            } else {
+                None
+            };
             layers.push(Layer {
+                qkv_bias,
                 attn_norm: l.norm(&p("input_layernorm.weight"), h)?,
                 qkv: l.weight(&p("qkv"), (hq + 2 * hkv) * d, h, qkv)?,
                 o: l.weight(
@@ -343,6 +357,13 @@ impl DenseModel {
                 } else {
                     None
                 },
+                // Zero biases: the dummy model's numbers need not be meaningful, only its cost.
+                qkv_bias: if cfg.qkv_bias {
+                    let n = (hq + 2 * hkv) * d;
+                    Some(ctx.upload_f32(&[n], DType::F32, &vec![0.0; n])?)
+                } else {
+                    None
+                },
             });
         }
         let lm_head = if cfg.tie_embeddings {
@@ -425,6 +446,9 @@ impl DenseModel {
         )?;
         for (i, layer) in self.layers.iter().enumerate() {
             matmul::matmul(step, &normed, &layer.qkv, &qkv)?;
+            if let Some(b) = &layer.qkv_bias {
+                bias::add_bias(step, &qkv, b)?;
+            }
             let qk = layer.qk_norm.as_ref().map(|(q, k)| (q, k));
             rope::rope(
                 step,

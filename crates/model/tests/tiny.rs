@@ -163,6 +163,12 @@ fn llama_float16() {
 }
 
 #[test]
+fn qwen2_with_qkv_bias() {
+    check("qwen2", DType::F32);
+    check("qwen2", DType::BF16);
+}
+
+#[test]
 fn qwen3_gguf() {
     check_gguf("qwen3", DType::F16);
 }

@@ -508,3 +508,20 @@ fn random_fill_is_bounded_centred_and_seeded() {
         );
     }
 }
+
+#[test]
+fn bias_add_broadcasts_over_rows() {
+    let ctx = ctx();
+    let mut r = rng(6);
+    let (m, n) = (17, 1000);
+    let y = randn(&mut r, m * n, 1.0);
+    let b = randn(&mut r, n, 1.0);
+    let yt = ctx.upload_f32(&[m, n], DType::F32, &y).unwrap();
+    let bt = ctx.upload_f32(&[n], DType::F32, &b).unwrap();
+    let mut s = Step::new(ctx);
+    vllm_apple_ops::kernels::bias::add_bias(&mut s, &yt, &bt).unwrap();
+    s.submit_and_wait().unwrap();
+    let mut want = y.clone();
+    vllm_apple_ops::kernels::bias::cpu::add_bias(&mut want, &b);
+    assert_eq!(yt.to_f32_vec(ctx).unwrap(), want);
+}

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod argmax;
 pub mod attention;
+pub mod bias;
 pub mod copy;
 pub mod embedding;
 pub mod fill;
@@ -68,5 +69,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(copy::variants());
     v.extend(attention::variants());
     v.extend(fill::variants());
+    v.extend(bias::variants());
     v
 }
