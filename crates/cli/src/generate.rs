@@ -35,8 +35,9 @@ pub struct Args {
     /// Print one JSON object per prompt (prompt and completion, text and token ids).
     #[arg(long)]
     json: bool,
-    /// Weight dtype on the GPU: float16, bfloat16 or float32.
-    #[arg(long, default_value = "float16")]
+    /// Weight dtype on the GPU: auto (the checkpoint's own for Hugging Face folders,
+    /// float16 for GGUF), float16, bfloat16 or float32.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// `auto` loads the weights; `dummy` makes random ones of the model's shape on the GPU
     /// (Hugging Face folders: config.json and the tokenizer are still read), for benchmarks.
@@ -46,12 +47,19 @@ pub struct Args {
     prompts: Vec<String>,
 }
 
-pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "float16" | "f16" | "half" | "auto" => DType::F16,
+fn parse_dtype(d: &str) -> Result<DType> {
+    Ok(match d {
+        "float16" | "f16" | "half" => DType::F16,
         "bfloat16" | "bf16" => DType::BF16,
         "float32" | "f32" | "float" => DType::F32,
-        d => bail!("--dtype {d}: expected float16, bfloat16 or float32"),
+        d => bail!("dtype {d}: expected auto, float16, bfloat16 or float32"),
+    })
+}
+
+pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "auto" => None,
+        d => Some(parse_dtype(d)?),
     };
     if !matches!(args.load_format.as_str(), "auto" | "dummy") {
         bail!("--load-format {}: expected auto or dummy", args.load_format);
@@ -72,21 +80,33 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             let file = GgufFile::open(path)?;
             (
                 GgufTokenizer::from_gguf(&file.gguf)?,
-                DenseModel::from_gguf(&ctx, &file, dtype)?,
+                DenseModel::from_gguf(&ctx, &file, dtype.unwrap_or(DType::F16))?,
             )
         }
         ModelLocation::HfDir(dir) if args.load_format == "dummy" => {
             let cfg =
                 ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            let dtype = match dtype {
+                Some(d) => d,
+                None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
+            };
             (
                 GgufTokenizer::from_hf_dir(dir)?,
                 DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?,
             )
         }
-        ModelLocation::HfDir(dir) => (
-            GgufTokenizer::from_hf_dir(dir)?,
-            DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?,
-        ),
+        ModelLocation::HfDir(dir) => {
+            let cfg =
+                ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            let dtype = match dtype {
+                Some(d) => d,
+                None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
+            };
+            (
+                GgufTokenizer::from_hf_dir(dir)?,
+                DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?,
+            )
+        }
     };
     let attn = AttentionOptions::from_env()?;
     let sampling = Sampling {

@@ -43,6 +43,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Qwen2's biases on the q, k and v projections.
     pub qkv_bias: bool,
+    /// The checkpoint's own dtype (`dtype` / `torch_dtype` in config.json), what `auto` picks.
+    pub checkpoint_dtype: Option<String>,
 }
 
 impl ModelConfig {
@@ -123,6 +125,10 @@ impl ModelConfig {
             tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
             qkv_bias: arch == Arch::Qwen2,
+            checkpoint_dtype: v["dtype"]
+                .as_str()
+                .or(v["torch_dtype"].as_str())
+                .map(str::to_string),
         })
     }
 
@@ -208,6 +214,7 @@ impl ModelConfig {
             tie_embeddings: g.tensor("output.weight").is_none(),
             qk_norm: arch == Arch::Qwen3,
             qkv_bias: arch == Arch::Qwen2,
+            checkpoint_dtype: None,
         })
     }
 }

@@ -229,14 +229,23 @@ impl DenseModel {
     fn load(l: Loader, cfg: ModelConfig, permuted: bool) -> Result<DenseModel, ModelError> {
         let ctx = l.ctx;
         let (h, d, hq, hkv, f) = (cfg.hidden, cfg.head_dim, cfg.q_heads, cfg.kv_heads, cfg.ffn);
+        // A progress bar on terminals (indicatif hides it elsewhere): one tick per layer.
+        let bar = indicatif::ProgressBar::new(cfg.layers as u64 + 2).with_style(
+            indicatif::ProgressStyle::with_template(
+                "loading weights {bar:40} {pos}/{len} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         let embed = l.weight(
             "embed",
             cfg.vocab,
             h,
             l.f32("model.embed_tokens.weight", cfg.vocab, h)?,
         )?;
+        bar.inc(1);
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
+            bar.inc(1);
             let p = |s: &str| format!("model.layers.{i}.{s}");
             let mut q = l.f32(&p("self_attn.q_proj.weight"), hq * d, h)?;
             let mut k = l.f32(&p("self_attn.k_proj.weight"), hkv * d, h)?;
@@ -290,6 +299,7 @@ impl DenseModel {
                 qk_norm,
             });
         }
+        bar.finish_and_clear();
         let lm_head = if cfg.tie_embeddings || !l.has("lm_head.weight") {
             None
         } else {
