@@ -83,18 +83,6 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 DenseModel::from_gguf(&ctx, &file, dtype.unwrap_or(DType::F16))?,
             )
         }
-        ModelLocation::HfDir(dir) if args.load_format == "dummy" => {
-            let cfg =
-                ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
-            let dtype = match dtype {
-                Some(d) => d,
-                None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
-            };
-            (
-                GgufTokenizer::from_hf_dir(dir)?,
-                DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?,
-            )
-        }
         ModelLocation::HfDir(dir) => {
             let cfg =
                 ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
@@ -102,10 +90,12 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 Some(d) => d,
                 None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
             };
-            (
-                GgufTokenizer::from_hf_dir(dir)?,
-                DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?,
-            )
+            let model = if args.load_format == "dummy" {
+                DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?
+            } else {
+                DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?
+            };
+            (GgufTokenizer::from_hf_dir(dir)?, model)
         }
     };
     let attn = AttentionOptions::from_env()?;

@@ -59,19 +59,25 @@ impl<'c> Step<'c> {
             .ok_or_else(|| OpsError::Gpu("step already finished".into()))
     }
 
+    fn open_pass(&mut self, timestamps: Option<wgpu::ComputePassTimestampWrites>) -> Result<()> {
+        self.pass = None;
+        let enc = self
+            .encoder
+            .as_mut()
+            .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
+        let pass = enc
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
+                timestamp_writes: timestamps,
+            })
+            .forget_lifetime();
+        self.pass = Some(pass);
+        Ok(())
+    }
+
     fn pass(&mut self) -> Result<&mut wgpu::ComputePass<'static>> {
         if self.pass.is_none() {
-            let enc = self
-                .encoder
-                .as_mut()
-                .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
-            let pass = enc
-                .begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("step"),
-                    timestamp_writes: None,
-                })
-                .forget_lifetime();
-            self.pass = Some(pass);
+            self.open_pass(None)?;
         }
         self.pass
             .as_mut()
@@ -81,23 +87,11 @@ impl<'c> Step<'c> {
     /// Ends the current compute pass and opens one whose start and end are written to
     /// `queries[index]` and `queries[index + 1]` (benchmarks; needs TIMESTAMP_QUERY).
     pub fn begin_timed_pass(&mut self, queries: &wgpu::QuerySet, index: u32) -> Result<()> {
-        self.pass = None;
-        let enc = self
-            .encoder
-            .as_mut()
-            .ok_or_else(|| OpsError::Gpu("step already finished".into()))?;
-        let pass = enc
-            .begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("timed"),
-                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                    query_set: queries,
-                    beginning_of_pass_write_index: Some(index),
-                    end_of_pass_write_index: Some(index + 1),
-                }),
-            })
-            .forget_lifetime();
-        self.pass = Some(pass);
-        Ok(())
+        self.open_pass(Some(wgpu::ComputePassTimestampWrites {
+            query_set: queries,
+            beginning_of_pass_write_index: Some(index),
+            end_of_pass_write_index: Some(index + 1),
+        }))
     }
 
     /// Closes the current compute pass (the next dispatch opens a fresh, untimed one).
