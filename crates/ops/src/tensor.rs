@@ -125,9 +125,10 @@ impl Tensor {
         (self.numel() * self.dtype.size()) as u64
     }
 
-    /// Size of the dimension `i` counted from the end (`dim_back(0)` is the last).
+    /// Size of the dimension `i` counted from the end (`dim_back(0)` is the last); 1 past the
+    /// first dimension, as broadcasting would have it.
     pub fn dim_back(&self, i: usize) -> usize {
-        self.shape[self.shape.len() - 1 - i]
+        self.shape.iter().rev().nth(i).copied().unwrap_or(1)
     }
 
     /// Rows when seen as a matrix with the last dimension as columns.
