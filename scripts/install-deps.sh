@@ -39,7 +39,7 @@ linux() {
   ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
-  command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3 python3-pip)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
   local mesa_old=0
   if dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^22\.'; then mesa_old=1; fi
