@@ -48,12 +48,10 @@ pub struct Args {
 }
 
 fn parse_dtype(d: &str) -> Result<DType> {
-    Ok(match d {
-        "float16" | "f16" | "half" => DType::F16,
-        "bfloat16" | "bf16" => DType::BF16,
-        "float32" | "f32" | "float" => DType::F32,
-        d => bail!("dtype {d}: expected auto, float16, bfloat16 or float32"),
-    })
+    match DType::parse_float(d) {
+        Some(t) => Ok(t),
+        None => bail!("dtype {d}: expected auto, float16, bfloat16 or float32"),
+    }
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {

@@ -29,6 +29,17 @@ impl DType {
         }
     }
 
+    /// A floating-point dtype by the names vLLM and PyTorch use ("float16", "f16", "half",
+    /// "bfloat16", "bf16", "float32", "f32", "float").
+    pub fn parse_float(name: &str) -> Option<DType> {
+        match name {
+            "float16" | "f16" | "half" => Some(DType::F16),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float32" | "f32" | "float" => Some(DType::F32),
+            _ => None,
+        }
+    }
+
     pub const fn is_half(self) -> bool {
         matches!(self, DType::F16 | DType::BF16)
     }

@@ -112,10 +112,6 @@ impl KvCache {
             layers,
         })
     }
-
-    pub fn nbytes(&self) -> u64 {
-        self.spec.bytes_per_block() * self.num_blocks as u64
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use crate::error::{OpsError, Result};
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ConstVal {
     U32(u32),
-    F32(f32),
     Bool(bool),
 }
 
@@ -19,7 +18,6 @@ impl ConstVal {
     fn wgsl(self) -> (&'static str, String) {
         match self {
             ConstVal::U32(v) => ("u32", format!("{v}u")),
-            ConstVal::F32(v) => ("f32", format!("{v:?}")),
             ConstVal::Bool(v) => ("bool", v.to_string()),
         }
     }

@@ -50,21 +50,6 @@ impl BufferPool {
             pool: Some(self.clone()),
         }
     }
-
-    /// Bytes held by free buffers (for memory accounting).
-    pub fn idle_bytes(&self) -> u64 {
-        self.free
-            .lock()
-            .map(|f| f.iter().map(|(c, v)| c * v.len() as u64).sum())
-            .unwrap_or(0)
-    }
-
-    /// Releases every idle buffer back to the driver.
-    pub fn trim(&self) {
-        if let Ok(mut f) = self.free.lock() {
-            f.clear();
-        }
-    }
 }
 
 /// A buffer that returns to its pool when the last tensor using it is dropped.
@@ -154,10 +139,6 @@ impl Tensor {
             offset: self.offset,
             size: wgpu::BufferSize::new(size),
         })
-    }
-
-    pub fn same_buffer(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.buf, &other.buf)
     }
 
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
@@ -358,10 +339,6 @@ impl GpuContext {
         let t = self.empty(shape, DType::U32)?;
         t.write_u32(self, values)?;
         Ok(t)
-    }
-
-    pub fn pool(&self) -> &BufferPool {
-        &self.pool
     }
 }
 

@@ -525,3 +525,32 @@ fn bias_add_broadcasts_over_rows() {
     vllm_apple_ops::kernels::bias::cpu::add_bias(&mut want, &b);
     assert_eq!(yt.to_f32_vec(ctx).unwrap(), want);
 }
+
+#[test]
+fn views_share_the_buffer_and_check_alignment() {
+    let ctx = ctx();
+    let align = ctx.limits.min_storage_buffer_offset_alignment as usize;
+    // Rows of exactly one alignment unit, so row 1 starts on an aligned offset.
+    let k = align / 4;
+    let v: Vec<f32> = (0..3 * k).map(|i| i as f32 + 0.5).collect();
+    let t = ctx.upload_f32(&[3, k], DType::F32, &v).unwrap();
+    let rows = t.narrow(ctx, 1, 2).unwrap();
+    assert_eq!(rows.shape(), &[2, k]);
+    assert_eq!(rows.to_f32_vec(ctx).unwrap(), v[k..].to_vec());
+    // A kernel writing through the view lands in the parent's rows.
+    let out = rows.reshape(&[2 * k]).unwrap();
+    let src = ctx
+        .upload_f32(&[2 * k], DType::F32, &vec![-1.0; 2 * k])
+        .unwrap();
+    let mut s = Step::new(ctx);
+    copy::copy(&mut s, &src, &out).unwrap();
+    s.submit_and_wait().unwrap();
+    let all = t.to_f32_vec(ctx).unwrap();
+    assert_eq!(&all[..k], &v[..k]);
+    assert!(all[k..].iter().all(|x| *x == -1.0));
+    assert!(t.reshape(&[7]).is_err());
+    assert!(t.narrow(ctx, 2, 2).is_err(), "past the end");
+    let odd = ctx.upload_f32(&[3, 5], DType::F32, &[1.0; 15]).unwrap();
+    let e = odd.narrow(ctx, 1, 1).unwrap_err().to_string();
+    assert!(e.contains("alignment"), "{e}");
+}

@@ -35,11 +35,8 @@ pub struct Args {
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f16" | "float16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f32" | "float32" => DType::F32,
-        d => bail!("--dtype {d}: expected f16, bf16 or f32"),
+    let Some(dtype) = DType::parse_float(&args.dtype) else {
+        bail!("--dtype {}: expected f16, bf16 or f32", args.dtype);
     };
     if args.prompt == 0 || args.tokens < 2 {
         bail!("--prompt must be positive and --tokens at least 2");

@@ -143,10 +143,9 @@ struct Row {
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f16" | "float16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        d => bail!("--dtype {d}: expected f16 or bf16"),
+    let dtype = match DType::parse_float(&args.dtype) {
+        Some(d) if d.is_half() => d,
+        _ => bail!("--dtype {}: expected f16 or bf16", args.dtype),
     };
     if args.reps == 0 || args.prefill_m == 0 || args.decode_m.contains(&0) {
         bail!("--reps, --prefill-m and --decode-m must be positive");
