@@ -39,6 +39,21 @@ impl Weight {
         Self::upload_chunked(ctx, label, n, k, dtype, bytes, ctx.max_binding_bytes())
     }
 
+    /// Like `upload`, for a stack of `n / group_rows` matrices of `group_rows` rows each
+    /// (experts): chunks hold whole groups, so a kernel finds each group in one binding.
+    pub fn upload_grouped(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        bytes: &[u8],
+        group_rows: usize,
+        max_chunk_bytes: u64,
+    ) -> Result<Weight> {
+        Self::upload_aligned(ctx, label, n, k, dtype, bytes, max_chunk_bytes, group_rows)
+    }
+
     /// Like `upload`, with chunks of at most `max_chunk_bytes` (tests use small values to
     /// exercise the split path on small shapes).
     pub fn upload_chunked(
@@ -49,6 +64,20 @@ impl Weight {
         dtype: DType,
         bytes: &[u8],
         max_chunk_bytes: u64,
+    ) -> Result<Weight> {
+        Self::upload_aligned(ctx, label, n, k, dtype, bytes, max_chunk_bytes, 64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upload_aligned(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        bytes: &[u8],
+        max_chunk_bytes: u64,
+        align: usize,
     ) -> Result<Weight> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(OpsError::DType {
@@ -65,17 +94,7 @@ impl Weight {
             ));
         }
         let cap = max_chunk_bytes.min(ctx.max_binding_bytes());
-        // Whole rows per chunk, a multiple of 64 so GEMM tiles never straddle chunks.
-        let rows_per_chunk =
-            ((cap / row_bytes.max(1)) as usize / 64 * 64).max(if cap >= row_bytes { 1 } else { 0 });
-        if rows_per_chunk == 0 {
-            return Err(OpsError::TooLarge {
-                what: format!("one row of {label}"),
-                needed: row_bytes,
-                limit: cap,
-                hint: "this GPU's storage bindings are too small for the model's hidden size",
-            });
-        }
+        let rows_per_chunk = rows_per_chunk(label, n, row_bytes, cap, align)?;
         let mut chunks = Vec::new();
         let mut row_start = 0;
         while row_start < n {
@@ -123,6 +142,21 @@ impl Weight {
         scale: f32,
         seed: u32,
     ) -> Result<Weight> {
+        Self::random_grouped(ctx, label, n, k, dtype, scale, seed, 64)
+    }
+
+    /// `random` for a stack of matrices of `group_rows` rows each (see `upload_grouped`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn random_grouped(
+        ctx: &GpuContext,
+        label: &str,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u32,
+        align: usize,
+    ) -> Result<Weight> {
         let row_bytes = (k * dtype.size()) as u64;
         if !row_bytes.is_multiple_of(4) {
             return Err(shape_err(
@@ -130,8 +164,7 @@ impl Weight {
                 format!("{label}: rows of {row_bytes} bytes"),
             ));
         }
-        let rows_per_chunk =
-            ((ctx.max_binding_bytes() / row_bytes.max(1)) as usize / 64 * 64).max(1);
+        let rows_per_chunk = rows_per_chunk(label, n, row_bytes, ctx.max_binding_bytes(), align)?;
         let mut chunks = Vec::new();
         let mut step = crate::recorder::Step::new(ctx);
         let mut row_start = 0;
@@ -159,4 +192,23 @@ impl Weight {
             chunks,
         })
     }
+}
+
+/// Rows per chunk: whole multiples of `align` (64 for plain matrices, so GEMM tiles never
+/// straddle chunks; an expert's row count for expert stacks) that fit `cap` bytes.
+fn rows_per_chunk(label: &str, n: usize, row_bytes: u64, cap: u64, align: usize) -> Result<usize> {
+    let fit = (cap / row_bytes.max(1)) as usize;
+    if fit >= n {
+        return Ok(n.max(1));
+    }
+    let rows = fit / align.max(1) * align.max(1);
+    if rows == 0 {
+        return Err(OpsError::TooLarge {
+            what: format!("{} rows of {label}", align.max(1)),
+            needed: row_bytes * align.max(1) as u64,
+            limit: cap,
+            hint: "this GPU's storage bindings are too small for one block of this weight",
+        });
+    }
+    Ok(rows)
 }

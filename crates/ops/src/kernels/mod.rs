@@ -9,6 +9,7 @@ pub mod copy;
 pub mod embedding;
 pub mod fill;
 pub mod matmul;
+pub mod moe;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
@@ -70,5 +71,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(attention::variants());
     v.extend(fill::variants());
     v.extend(bias::variants());
+    v.extend(moe::variants());
     v
 }

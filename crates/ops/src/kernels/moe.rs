@@ -1,0 +1,534 @@
+//! Mixture-of-experts layers (Qwen3-MoE): routing, expert grouping and the grouped expert
+//! GEMMs, all on the GPU with a fixed handful of dispatches per layer whatever the batch:
+//!
+//! 1. router GEMM (`matmul`): logits `[T, E]`;
+//! 2. `moe_route`: softmax, top-k, renormalisation, and the token-expert pairs grouped by
+//!    expert into row tiles (one workgroup, no CPU round trip);
+//! 3. gate/up GEMM fused with SiLU-mul over the tiles (hidden rows gathered by token);
+//! 4. down GEMM over the same tiles;
+//! 5. `moe_combine`: the weighted sum of each token's k rows back in token order.
+//!
+//! Each chosen expert's weights are read once per tile (once per step when its tokens fit one
+//! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
+//! chunked by whole experts (`Weight::upload_grouped`); steps 3 and 4 run once per chunk.
+
+use super::{expect_dtype, expect_len, matmul, wgsl};
+use crate::context::GpuContext;
+use crate::dtype::DType;
+use crate::error::{shape_err, Result};
+use crate::pipeline::Kernel;
+use crate::recorder::{grid, Step};
+use crate::tensor::Tensor;
+use crate::weight::Weight;
+
+const ROUTE: &str = wgsl!("moe_route.wgsl");
+const GEMV: &str = wgsl!("moe_gemv.wgsl");
+const COMBINE: &str = wgsl!("moe_combine.wgsl");
+
+/// Most experts the routing kernel's counters hold.
+pub const MAX_EXPERTS: usize = 512;
+/// Most experts per token.
+pub const MAX_TOP_K: usize = 32;
+
+/// Routing of a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeShape {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Renormalise the chosen k probabilities to sum to one (`norm_topk_prob`).
+    pub norm_topk: bool,
+}
+
+impl MoeShape {
+    fn check(&self) -> Result<()> {
+        if self.experts == 0 || self.experts > MAX_EXPERTS {
+            return Err(shape_err(
+                "moe",
+                format!("{} experts (1..={MAX_EXPERTS} supported)", self.experts),
+            ));
+        }
+        if self.top_k == 0 || self.top_k > self.experts.min(MAX_TOP_K) {
+            return Err(shape_err(
+                "moe",
+                format!(
+                    "top-k {} with {} experts (1..={} supported)",
+                    self.top_k,
+                    self.experts,
+                    self.experts.min(MAX_TOP_K)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The experts of one layer: `gate_up` stacks per expert `2F` rows of `[H]` with gate and up
+/// interleaved (row `2f` = gate row `f`, `2f + 1` = up row `f`); `down` stacks `H` rows of
+/// `[F]` per expert. Both are chunked by whole experts.
+#[derive(Clone, Debug)]
+pub struct ExpertWeights {
+    pub experts: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub gate_up: Weight,
+    pub down: Weight,
+}
+
+impl ExpertWeights {
+    pub fn new(
+        experts: usize,
+        hidden: usize,
+        ffn: usize,
+        gate_up: Weight,
+        down: Weight,
+    ) -> Result<Self> {
+        let ok = gate_up.n == experts * 2 * ffn
+            && gate_up.k == hidden
+            && down.n == experts * hidden
+            && down.k == ffn
+            && gate_up
+                .chunks
+                .iter()
+                .all(|c| c.row_start % (2 * ffn) == 0 && c.rows % (2 * ffn) == 0)
+            && down
+                .chunks
+                .iter()
+                .all(|c| c.row_start % hidden == 0 && c.rows % hidden == 0);
+        if !ok {
+            return Err(shape_err(
+                "moe experts",
+                format!(
+                    "{experts} experts of {hidden} -> {ffn}: gate_up [{}, {}], down [{}, {}] \
+                     (chunks must hold whole experts)",
+                    gate_up.n, gate_up.k, down.n, down.k
+                ),
+            ));
+        }
+        Ok(ExpertWeights {
+            experts,
+            hidden,
+            ffn,
+            gate_up,
+            down,
+        })
+    }
+
+    pub fn nbytes(&self) -> u64 {
+        self.gate_up.nbytes() + self.down.nbytes()
+    }
+
+    /// Gate rows `[E, F, H]` and up rows `[E, F, H]` (Hugging Face order) interleaved into
+    /// the `gate_up` stack's row order.
+    pub fn interleave_gate_up(
+        gate: &[f32],
+        up: &[f32],
+        experts: usize,
+        ffn: usize,
+        hidden: usize,
+    ) -> Vec<f32> {
+        let mut out = Vec::with_capacity(gate.len() * 2);
+        for e in 0..experts {
+            for f in 0..ffn {
+                let r = (e * ffn + f) * hidden;
+                out.extend_from_slice(&gate[r..r + hidden]);
+                out.extend_from_slice(&up[r..r + hidden]);
+            }
+        }
+        out
+    }
+}
+
+/// Routing results of one step, all on the GPU.
+pub struct Routing {
+    pub tokens: usize,
+    pub top_k: usize,
+    /// Most rows per tile.
+    pub tile: usize,
+    /// `[T, k]` chosen experts in pick order (descending probability).
+    pub topk_ids: Tensor,
+    /// `[T, k]` their weights.
+    pub topk_w: Tensor,
+    /// `[T, k]` row of each pair in expert-sorted order.
+    pub pair_pos: Tensor,
+    /// `[T k]` token of each expert-sorted row.
+    pub sorted: Tensor,
+    /// `[1 + 3 max_tiles]`: tile count, then (expert, first row, end row) per tile.
+    pub tiles: Tensor,
+    pub max_tiles: usize,
+}
+
+/// Rows per tile and per register batch of the grouped GEMV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupedConfig {
+    /// Tokens accumulated together in registers.
+    pub mt: u32,
+    /// Rows of one routing tile (a tile is one workgroup row of the grid).
+    pub tile: u32,
+}
+
+impl GroupedConfig {
+    /// One register batch when tokens rarely share an expert (decode); four with longer
+    /// tiles as groups grow.
+    pub fn for_batch(tokens: usize, shape: &MoeShape) -> GroupedConfig {
+        let pairs = tokens * shape.top_k;
+        if pairs <= shape.experts {
+            GroupedConfig { mt: 1, tile: 8 }
+        } else {
+            GroupedConfig { mt: 4, tile: 32 }
+        }
+    }
+}
+
+fn route_kernel() -> Kernel {
+    Kernel::new("moe_route.wgsl", ROUTE, "moe_route")
+        .u32("MAX_E", MAX_EXPERTS as u32)
+        .u32("MAX_K", MAX_TOP_K as u32)
+}
+
+const GEMV_WG: u32 = 128;
+const GEMV_TPR: u32 = 64;
+const GEMV_RPT: u32 = 2;
+
+fn gemv_kernel(mt: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
+    Kernel::new("moe_gemv.wgsl", GEMV, "moe_gemv")
+        .u32("MT", mt)
+        .u32("WG", GEMV_WG)
+        .u32("TPR", GEMV_TPR)
+        .u32("RPT", GEMV_RPT)
+        .u32("W_DTYPE", dtype.float_code())
+        .u32("ACT", act as u32)
+        .u32("GATHER", gather as u32)
+}
+
+fn combine_kernel() -> Kernel {
+    Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine")
+}
+
+pub(crate) fn variants() -> Vec<Kernel> {
+    let mut v = vec![route_kernel(), combine_kernel()];
+    for (mt, dt, act) in [
+        (1, DType::F16, true),
+        (1, DType::F16, false),
+        (4, DType::BF16, true),
+        (4, DType::BF16, false),
+    ] {
+        v.push(gemv_kernel(mt, dt, act, act));
+    }
+    v
+}
+
+impl Routing {
+    /// Buffers for routing `tokens` tokens into tiles of at most `tile` rows.
+    pub fn new(ctx: &GpuContext, tokens: usize, shape: &MoeShape, tile: usize) -> Result<Routing> {
+        shape.check()?;
+        if tokens == 0 || tile == 0 {
+            return Err(shape_err("moe route", "no tokens"));
+        }
+        let pairs = tokens * shape.top_k;
+        // Each expert with rows adds at most one partial tile.
+        let max_tiles = pairs.div_ceil(tile) + shape.experts.min(pairs);
+        if max_tiles > ctx.limits.max_compute_workgroups_per_dimension as usize {
+            return Err(shape_err(
+                "moe route",
+                format!("{tokens} tokens need {max_tiles} tiles; split the batch"),
+            ));
+        }
+        Ok(Routing {
+            tokens,
+            top_k: shape.top_k,
+            tile,
+            topk_ids: ctx.empty(&[tokens, shape.top_k], DType::U32)?,
+            topk_w: ctx.empty(&[tokens, shape.top_k], DType::F32)?,
+            pair_pos: ctx.empty(&[tokens, shape.top_k], DType::U32)?,
+            sorted: ctx.empty(&[pairs], DType::U32)?,
+            tiles: ctx.empty(&[1 + 3 * max_tiles], DType::U32)?,
+            max_tiles,
+        })
+    }
+}
+
+/// Routes `logits` `[T, E]`: top-k experts per token and their rows grouped by expert into
+/// tiles of at most `tile` rows.
+pub fn route(step: &mut Step, logits: &Tensor, shape: &MoeShape, tile: usize) -> Result<Routing> {
+    let t = logits.numel() / shape.experts.max(1);
+    let r = Routing::new(step.ctx, t, shape, tile)?;
+    route_into(step, logits, shape, &r)?;
+    Ok(r)
+}
+
+/// `route` into preallocated buffers.
+pub fn route_into(step: &mut Step, logits: &Tensor, shape: &MoeShape, r: &Routing) -> Result<()> {
+    shape.check()?;
+    expect_dtype("moe route", logits, DType::F32)?;
+    expect_len("moe route", "logits", logits, r.tokens * shape.experts)?;
+    if r.top_k != shape.top_k {
+        return Err(shape_err(
+            "moe route",
+            "routing buffers made for another top-k",
+        ));
+    }
+    let params = [
+        r.tokens as u32,
+        shape.experts as u32,
+        shape.top_k as u32,
+        shape.norm_topk as u32,
+        r.tile as u32,
+    ];
+    step.dispatch(
+        &route_kernel(),
+        &[
+            logits,
+            &r.topk_ids,
+            &r.topk_w,
+            &r.pair_pos,
+            &r.sorted,
+            &r.tiles,
+        ],
+        &params,
+        [1, 1, 1],
+    )
+}
+
+/// Intermediate buffers of a MoE MLP for one batch, reused by every MoE layer of a step.
+pub struct MoeScratch {
+    pub cfg: GroupedConfig,
+    pub logits: Tensor,
+    pub routing: Routing,
+    /// `[T k, F]` SiLU(gate) * up per expert-sorted row.
+    pub act: Tensor,
+    /// `[T k, H]` down projection per expert-sorted row.
+    pub rows: Tensor,
+}
+
+impl MoeScratch {
+    pub fn new(
+        ctx: &GpuContext,
+        tokens: usize,
+        shape: &MoeShape,
+        hidden: usize,
+        ffn: usize,
+        cfg: Option<GroupedConfig>,
+    ) -> Result<MoeScratch> {
+        let cfg = cfg.unwrap_or_else(|| GroupedConfig::for_batch(tokens, shape));
+        let pairs = tokens * shape.top_k;
+        Ok(MoeScratch {
+            cfg,
+            logits: ctx.empty(&[tokens, shape.experts], DType::F32)?,
+            routing: Routing::new(ctx, tokens, shape, cfg.tile as usize)?,
+            act: ctx.empty(&[pairs, ffn], DType::F32)?,
+            rows: ctx.empty(&[pairs, hidden], DType::F32)?,
+        })
+    }
+}
+
+/// One grouped GEMM over the routing tiles, once per expert chunk of `w`.
+#[allow(clippy::too_many_arguments)]
+fn grouped(
+    step: &mut Step,
+    x: &Tensor,
+    w: &Weight,
+    rows_per_expert: usize,
+    r: &Routing,
+    y: &Tensor,
+    act: bool,
+    gather: bool,
+    cfg: GroupedConfig,
+) -> Result<()> {
+    if !w.dtype.is_half() || !w.k.is_multiple_of(8) {
+        return Err(shape_err(
+            "moe gemm",
+            format!(
+                "expert weights must be f16 or bf16 with K % 8 == 0; got {} K = {}",
+                w.dtype, w.k
+            ),
+        ));
+    }
+    let rows_per_group = (GEMV_WG / GEMV_TPR * GEMV_RPT) as usize;
+    let groups_x = rows_per_expert.div_ceil(rows_per_group);
+    let kernel = gemv_kernel(cfg.mt, w.dtype, act, gather);
+    for c in &w.chunks {
+        let params = [
+            rows_per_expert as u32,
+            w.k as u32,
+            (c.row_start / rows_per_expert) as u32,
+            (c.rows / rows_per_expert) as u32,
+        ];
+        step.dispatch(
+            &kernel,
+            &[x, &c.tensor, y, &r.tiles, &r.sorted],
+            &params,
+            [groups_x as u32, r.max_tiles as u32, 1],
+        )?;
+    }
+    Ok(())
+}
+
+/// The whole MoE MLP of one layer: `y[T, H] = sum_j w_j down_j(silu(gate_j x) * up_j x)` for
+/// `x` `[T, H]` (normed hidden states), with `router` `[E, H]`.
+pub fn moe(
+    step: &mut Step,
+    x: &Tensor,
+    router: &Weight,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    y: &Tensor,
+) -> Result<()> {
+    let t = x.numel() / experts.hidden.max(1);
+    let scratch = MoeScratch::new(step.ctx, t, shape, experts.hidden, experts.ffn, None)?;
+    moe_with(step, x, router, experts, shape, &scratch, y)
+}
+
+/// `moe` with caller-owned scratch buffers (one set per step, shared by the layers).
+pub fn moe_with(
+    step: &mut Step,
+    x: &Tensor,
+    router: &Weight,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    scratch: &MoeScratch,
+    y: &Tensor,
+) -> Result<()> {
+    if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
+        return Err(shape_err(
+            "moe",
+            format!(
+                "router [{}, {}] and {} experts for {} experts of hidden {}",
+                router.n, router.k, experts.experts, shape.experts, experts.hidden
+            ),
+        ));
+    }
+    expect_dtype("moe", x, DType::F32)?;
+    matmul::matmul(step, x, router, &scratch.logits)?;
+    experts_from_logits(step, x, experts, shape, scratch, y)
+}
+
+/// Steps 2 to 5 of the MoE MLP, with the router logits already in `scratch.logits`.
+pub fn experts_from_logits(
+    step: &mut Step,
+    x: &Tensor,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    s: &MoeScratch,
+    y: &Tensor,
+) -> Result<()> {
+    let (h, f) = (experts.hidden, experts.ffn);
+    let t = s.routing.tokens;
+    expect_dtype("moe", x, DType::F32)?;
+    expect_dtype("moe", y, DType::F32)?;
+    expect_len("moe", "x", x, t * h)?;
+    expect_len("moe", "y", y, t * h)?;
+    expect_len("moe", "scratch rows", &s.rows, t * shape.top_k * h)?;
+    expect_len("moe", "scratch act", &s.act, t * shape.top_k * f)?;
+    route_into(step, &s.logits, shape, &s.routing)?;
+    grouped(
+        step,
+        x,
+        &experts.gate_up,
+        2 * f,
+        &s.routing,
+        &s.act,
+        true,
+        true,
+        s.cfg,
+    )?;
+    grouped(
+        step,
+        &s.act,
+        &experts.down,
+        h,
+        &s.routing,
+        &s.rows,
+        false,
+        false,
+        s.cfg,
+    )?;
+    combine(step, &s.rows, &s.routing, y)
+}
+
+/// `y[t] = sum_j topk_w[t, j] rows[pair_pos[t, j]]`.
+pub fn combine(step: &mut Step, rows: &Tensor, r: &Routing, y: &Tensor) -> Result<()> {
+    let h = y.numel() / r.tokens;
+    expect_len("moe combine", "rows", rows, r.tokens * r.top_k * h)?;
+    let params = [r.tokens as u32, h as u32, r.top_k as u32];
+    step.dispatch(
+        &combine_kernel(),
+        &[rows, &r.topk_w, &r.pair_pos, y],
+        &params,
+        grid(step.ctx, (r.tokens * h).div_ceil(256)),
+    )
+}
+
+pub mod cpu {
+    /// Top-k of softmax(logits) per token: (expert ids, weights), ties to the lower index,
+    /// renormalised over the k when `norm`.
+    pub fn route(logits: &[f32], experts: usize, k: usize, norm: bool) -> (Vec<u32>, Vec<f32>) {
+        let mut ids = Vec::new();
+        let mut ws = Vec::new();
+        for row in logits.chunks(experts) {
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let total: f64 = row.iter().map(|v| (*v as f64 - mx).exp()).sum();
+            let mut order: Vec<usize> = (0..experts).collect();
+            // Stable sort: equal logits keep ascending expert order.
+            order.sort_by(|&a, &b| {
+                row[b]
+                    .partial_cmp(&row[a])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let picked = &order[..k];
+            let chosen: f64 = picked.iter().map(|&e| (row[e] as f64 - mx).exp()).sum();
+            let denom = if norm { chosen } else { total };
+            for &e in picked {
+                ids.push(e as u32);
+                ws.push(((row[e] as f64 - mx).exp() / denom) as f32);
+            }
+        }
+        (ids, ws)
+    }
+
+    /// The MoE MLP with Hugging Face-layout expert weights: `gate`/`up` `[E, F, H]`,
+    /// `down` `[E, H, F]`, routing given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn experts(
+        x: &[f32],
+        ids: &[u32],
+        ws: &[f32],
+        k: usize,
+        gate: &[f32],
+        up: &[f32],
+        down: &[f32],
+        h: usize,
+        f: usize,
+    ) -> Vec<f32> {
+        let t = x.len() / h;
+        let mut y = vec![0f32; t * h];
+        for ti in 0..t {
+            let xr = &x[ti * h..(ti + 1) * h];
+            let mut acc = vec![0f64; h];
+            for j in 0..k {
+                let e = ids[ti * k + j] as usize;
+                let dot = |w: &[f32], row: usize, len: usize, v: &[f64]| -> f64 {
+                    w[row * len..(row + 1) * len]
+                        .iter()
+                        .zip(v)
+                        .map(|(a, b)| *a as f64 * b)
+                        .sum()
+                };
+                let xd: Vec<f64> = xr.iter().map(|v| *v as f64).collect();
+                let a: Vec<f64> = (0..f)
+                    .map(|fi| {
+                        let g = dot(gate, e * f + fi, h, &xd);
+                        let u = dot(up, e * f + fi, h, &xd);
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                    .collect();
+                for (hi, o) in acc.iter_mut().enumerate() {
+                    *o += ws[ti * k + j] as f64 * dot(down, e * h + hi, f, &a);
+                }
+            }
+            for (o, a) in y[ti * h..(ti + 1) * h].iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        }
+        y
+    }
+}

@@ -1,0 +1,109 @@
+// Grouped expert GEMV: the rows of one routing tile (tokens that chose the same expert, in
+// expert-sorted order) times that expert's weights, for decode-sized groups. Like gemv.wgsl,
+// TPR invocations share a weight row and each keeps partial sums for RPT rows and up to MT
+// tokens; a tile with more than MT rows loops, re-reading the (cache-resident) row group.
+// Each expert's weights are read once per tile, and only tiles of chosen experts run.
+// GATHER = 1: x row of sorted row r is sorted[r] (hidden states by token); 0: x row r.
+// ACT = 1: weight rows interleave gate and up (row 2f = gate f, 2f + 1 = up f) and the
+// output is silu(gate) * up, n / 2 columns; 0: plain output, n columns.
+// Weights: this dispatch's chunk holds experts [e0, e0 + e_count), n rows each.
+// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER.
+struct Params {
+    n: u32,
+    k: u32,
+    e0: u32,
+    e_count: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> tiles: array<u32>;
+@group(0) @binding(4) var<storage, read> sorted: array<u32>;
+
+const GROUPS: u32 = WG / TPR;
+const ACC: u32 = MT * RPT;
+var<workgroup> partial: array<f32, (WG / 4u) * ACC>;
+
+@compute @workgroup_size(WG)
+fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+            @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32,
+            @builtin(subgroup_size) sg_size: u32) {
+    let tile = wg.y;
+    let wg_row0 = wg.x * GROUPS * RPT;
+    if tile >= tiles[0] || wg_row0 >= p.n {
+        return;
+    }
+    let e = tiles[1u + 3u * tile];
+    if e < p.e0 || e >= p.e0 + p.e_count {
+        return;
+    }
+    let first = tiles[2u + 3u * tile];
+    let end = tiles[3u + 3u * tile];
+    let wbase = (e - p.e0) * p.n;
+    let g = li / TPR;
+    let lt = li - g * TPR;
+    let row0 = wg_row0 + g * RPT;
+    let kx = p.k / 4u;
+    let kv = p.k / 8u;
+    let out_cols = select(p.n, p.n / 2u, ACT == 1u);
+    for (var r0 = first; r0 < end; r0 += MT) {
+        let count = min(MT, end - r0);
+        var xrow: array<u32, MT>;
+        for (var m = 0u; m < MT; m++) {
+            let r = min(r0 + m, end - 1u);
+            xrow[m] = select(r, sorted[r], GATHER == 1u) * kx;
+        }
+        var acc: array<f32, ACC>;
+        for (var j = 0u; j < ACC; j++) {
+            acc[j] = 0.0;
+        }
+        for (var i = lt; i < kv; i += TPR) {
+            for (var r = 0u; r < RPT; r++) {
+                let row = wbase + min(row0 + r, p.n - 1u);
+                let wv = w[row * kv + i];
+                let a = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
+                let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
+                for (var m = 0u; m < MT; m++) {
+                    if m < count {
+                        acc[m * RPT + r] += dot(a, x[xrow[m] + 2u * i]) + dot(b, x[xrow[m] + 2u * i + 1u]);
+                    }
+                }
+            }
+        }
+        for (var j = 0u; j < ACC; j++) {
+            let s = subgroupAdd(acc[j]);
+            if lane == 0u {
+                partial[sg * ACC + j] = s;
+            }
+        }
+        workgroupBarrier();
+        // One invocation per output: (row group, token, row) or, with ACT, (.., row pair).
+        let outs = select(ACC, ACC / 2u, ACT == 1u);
+        if li < GROUPS * outs {
+            let og = li / outs;
+            let j = (li - og * outs) * select(1u, 2u, ACT == 1u);
+            let m = j / RPT;
+            let r = j - m * RPT;
+            let per = TPR / sg_size;
+            var v0 = 0.0;
+            var v1 = 0.0;
+            for (var s = og * per; s < (og + 1u) * per; s++) {
+                v0 += partial[s * ACC + j];
+                if ACT == 1u {
+                    v1 += partial[s * ACC + j + 1u];
+                }
+            }
+            let row = wg_row0 + og * RPT + r;
+            if row < p.n && m < count {
+                if ACT == 1u {
+                    y[(r0 + m) * out_cols + row / 2u] = v0 / (1.0 + exp(-v0)) * v1;
+                } else {
+                    y[(r0 + m) * out_cols + row] = v0;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}

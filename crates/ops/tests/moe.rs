@@ -1,0 +1,316 @@
+//! Mixture-of-experts kernels against the CPU reference: routing (top-k, ties,
+//! renormalisation, grouping into tiles) and the whole expert MLP under uniform and skewed
+//! routing, experts nobody chose, batches from 1 to 300, and experts split over chunks.
+
+mod common;
+
+use common::{assert_close, ctx, randn, rng};
+use vllm_apple_ops::kernels::moe::{
+    self, ExpertWeights, GroupedConfig, MoeScratch, MoeShape, Routing,
+};
+use vllm_apple_ops::{DType, Step, Weight};
+
+/// Checks the grouping invariants: every pair has one expert-sorted row, rows of one expert
+/// are contiguous, in expert order, and tiles cover them in pieces of at most `tile` rows.
+fn check_grouping(r: &Routing, ids: &[u32], experts: usize, tile: usize) {
+    let ctx = ctx();
+    let k = r.top_k;
+    let pos = r.pair_pos.to_u32_vec(ctx).unwrap();
+    let sorted = r.sorted.to_u32_vec(ctx).unwrap();
+    let tiles = r.tiles.to_u32_vec(ctx).unwrap();
+    let pairs = ids.len();
+    let mut seen = vec![false; pairs];
+    for (pair, &row) in pos.iter().enumerate() {
+        let row = row as usize;
+        assert!(
+            row < pairs && !seen[row],
+            "pair {pair}: row {row} reused or out of range"
+        );
+        seen[row] = true;
+        assert_eq!(
+            sorted[row] as usize,
+            pair / k,
+            "row {row} reads the wrong token"
+        );
+    }
+    // Expert of each sorted row, from the pairs.
+    let mut row_expert = vec![0u32; pairs];
+    for (pair, &row) in pos.iter().enumerate() {
+        row_expert[row as usize] = ids[pair];
+    }
+    assert!(
+        row_expert.windows(2).all(|w| w[0] <= w[1]),
+        "rows not grouped by expert"
+    );
+    let n = tiles[0] as usize;
+    assert!(n <= r.max_tiles);
+    let mut next = 0u32;
+    for i in 0..n {
+        let (e, first, end) = (tiles[1 + 3 * i], tiles[2 + 3 * i], tiles[3 + 3 * i]);
+        assert_eq!(first, next, "tile {i} leaves a gap");
+        assert!(
+            end > first && (end - first) as usize <= tile,
+            "tile {i}: {first}..{end}"
+        );
+        assert!((e as usize) < experts);
+        for row in first..end {
+            assert_eq!(row_expert[row as usize], e, "tile {i} mixes experts");
+        }
+        next = end;
+    }
+    assert_eq!(next as usize, pairs, "tiles do not cover every row");
+}
+
+fn run_route(logits: &[f32], shape: &MoeShape, tile: usize) -> (Vec<u32>, Vec<f32>) {
+    let ctx = ctx();
+    let t = logits.len() / shape.experts;
+    let lt = ctx
+        .upload_f32(&[t, shape.experts], DType::F32, logits)
+        .unwrap();
+    let mut s = Step::new(ctx);
+    let r = moe::route(&mut s, &lt, shape, tile).unwrap();
+    s.submit_and_wait().unwrap();
+    let ids = r.topk_ids.to_u32_vec(ctx).unwrap();
+    let ws = r.topk_w.to_f32_vec(ctx).unwrap();
+    check_grouping(&r, &ids, shape.experts, tile);
+    (ids, ws)
+}
+
+#[test]
+fn routing_matches_cpu() {
+    let mut r = rng(40);
+    for (t, e, k, norm, tile) in [
+        (1usize, 128usize, 8usize, true, 8usize),
+        (3, 16, 4, false, 8),
+        (17, 64, 8, true, 5),
+        (300, 128, 8, true, 32),
+        (5, 8, 8, false, 3), // k == E: every expert
+        (9, 300, 1, false, 4),
+    ] {
+        let shape = MoeShape {
+            experts: e,
+            top_k: k,
+            norm_topk: norm,
+        };
+        let logits = randn(&mut r, t * e, 4.0);
+        let (ids, ws) = run_route(&logits, &shape, tile);
+        let (want_ids, want_ws) = moe::cpu::route(&logits, e, k, norm);
+        assert_eq!(ids, want_ids, "T={t} E={e} k={k}");
+        assert_close(
+            &format!("route weights T={t} E={e} k={k}"),
+            &ws,
+            &want_ws,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn routing_breaks_ties_toward_lower_experts() {
+    // All equal: experts 0..k; a tie across the k-th place; a tie between the top two.
+    let e = 12;
+    let mut logits = vec![0.5f32; e];
+    let mut row = vec![0.0f32; e];
+    row[7] = 2.0;
+    row[3] = 1.0;
+    row[9] = 1.0;
+    row[11] = 1.0;
+    logits.extend(&row);
+    let mut row = vec![-1.0f32; e];
+    row[10] = 3.0;
+    row[2] = 3.0;
+    logits.extend(&row);
+    let shape = MoeShape {
+        experts: e,
+        top_k: 3,
+        norm_topk: true,
+    };
+    let (ids, ws) = run_route(&logits, &shape, 4);
+    assert_eq!(ids, vec![0, 1, 2, 7, 3, 9, 2, 10, 0]);
+    let (want_ids, want_ws) = moe::cpu::route(&logits, e, 3, true);
+    assert_eq!(ids, want_ids);
+    assert_close("tied weights", &ws, &want_ws, 1e-6);
+}
+
+struct Experts {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+    gpu: ExpertWeights,
+}
+
+fn experts(
+    e: usize,
+    h: usize,
+    f: usize,
+    dtype: DType,
+    experts_per_chunk: usize,
+    seed: u64,
+) -> Experts {
+    let ctx = ctx();
+    let mut r = rng(seed);
+    let gate = dtype.round_trip(&randn(&mut r, e * f * h, 0.3));
+    let up = dtype.round_trip(&randn(&mut r, e * f * h, 0.3));
+    let down = dtype.round_trip(&randn(&mut r, e * h * f, 0.3));
+    let gu = ExpertWeights::interleave_gate_up(&gate, &up, e, f, h);
+    let chunk = |rows: usize, k: usize| (experts_per_chunk * rows * k * dtype.size()) as u64;
+    let gate_up = Weight::upload_grouped(
+        ctx,
+        "gate_up",
+        e * 2 * f,
+        h,
+        dtype,
+        &dtype.encode_f32(&gu),
+        2 * f,
+        chunk(2 * f, h),
+    )
+    .unwrap();
+    let down_w = Weight::upload_grouped(
+        ctx,
+        "down",
+        e * h,
+        f,
+        dtype,
+        &dtype.encode_f32(&down),
+        h,
+        chunk(h, f),
+    )
+    .unwrap();
+    assert_eq!(gate_up.chunks.len(), e.div_ceil(experts_per_chunk));
+    Experts {
+        gpu: ExpertWeights::new(e, h, f, gate_up, down_w).unwrap(),
+        gate,
+        up,
+        down,
+    }
+}
+
+/// The expert MLP from given logits against the CPU reference.
+fn check_moe(
+    what: &str,
+    x: &[f32],
+    logits: &[f32],
+    shape: &MoeShape,
+    w: &Experts,
+    cfg: Option<GroupedConfig>,
+) {
+    let ctx = ctx();
+    let (h, f) = (w.gpu.hidden, w.gpu.ffn);
+    let t = x.len() / h;
+    let xt = ctx.upload_f32(&[t, h], DType::F32, x).unwrap();
+    let scratch = MoeScratch::new(ctx, t, shape, h, f, cfg).unwrap();
+    scratch.logits.write_f32(ctx, logits).unwrap();
+    let y = ctx.empty(&[t, h], DType::F32).unwrap();
+    y.poison(ctx);
+    let mut s = Step::new(ctx);
+    moe::experts_from_logits(&mut s, &xt, &w.gpu, shape, &scratch, &y).unwrap();
+    s.submit_and_wait().unwrap();
+    let (ids, ws) = moe::cpu::route(logits, shape.experts, shape.top_k, shape.norm_topk);
+    let want = moe::cpu::experts(x, &ids, &ws, shape.top_k, &w.gate, &w.up, &w.down, h, f);
+    assert_close(what, &y.to_f32_vec(ctx).unwrap(), &want, 2e-4);
+}
+
+#[test]
+fn expert_mlp_matches_cpu_across_batches_and_chunks() {
+    let mut r = rng(41);
+    let (h, f) = (72, 40);
+    for (e, k, chunk, dtype) in [
+        (16usize, 4usize, 16usize, DType::F16),
+        (40, 8, 7, DType::BF16),
+    ] {
+        let w = experts(e, h, f, dtype, chunk, 42 + e as u64);
+        let shape = MoeShape {
+            experts: e,
+            top_k: k,
+            norm_topk: e == 16,
+        };
+        for t in [1usize, 3, 17, 300] {
+            let x = randn(&mut r, t * h, 1.0);
+            let logits = randn(&mut r, t * e, 3.0);
+            for cfg in [
+                None,
+                Some(GroupedConfig { mt: 4, tile: 6 }),
+                Some(GroupedConfig { mt: 1, tile: 64 }),
+            ] {
+                check_moe(
+                    &format!("E={e} k={k} T={t} {cfg:?}"),
+                    &x,
+                    &logits,
+                    &shape,
+                    &w,
+                    cfg,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn expert_mlp_with_skewed_routing() {
+    let mut r = rng(43);
+    let (h, f, e) = (64, 24, 32);
+    let w = experts(e, h, f, DType::F16, 5, 44);
+    let shape = MoeShape {
+        experts: e,
+        top_k: 2,
+        norm_topk: true,
+    };
+    for t in [1usize, 8, 150] {
+        let x = randn(&mut r, t * h, 1.0);
+        // Every token's first choice is expert 13; most experts are never chosen.
+        let mut logits = randn(&mut r, t * e, 0.5);
+        for row in logits.chunks_mut(e) {
+            row[13] = 10.0;
+            row[30] += 5.0;
+        }
+        check_moe(&format!("skewed T={t}"), &x, &logits, &shape, &w, None);
+        // Exactly tied logits everywhere: experts 0 and 1 take every token.
+        let tied = vec![0.25f32; t * e];
+        check_moe(&format!("tied T={t}"), &x, &tied, &shape, &w, None);
+    }
+}
+
+#[test]
+fn moe_layer_with_router_gemm() {
+    let ctx = ctx();
+    let mut r = rng(45);
+    let (h, f, e, t) = (128, 32, 16, 5);
+    let w = experts(e, h, f, DType::F16, 16, 46);
+    let router = DType::F16.round_trip(&randn(&mut r, e * h, 0.2));
+    let rw = Weight::upload_f32(ctx, "router", e, h, DType::F16, &router).unwrap();
+    let shape = MoeShape {
+        experts: e,
+        top_k: 4,
+        norm_topk: false,
+    };
+    let x = randn(&mut r, t * h, 1.0);
+    let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
+    let y = ctx.empty(&[t, h], DType::F32).unwrap();
+    y.poison(ctx);
+    let mut s = Step::new(ctx);
+    moe::moe(&mut s, &xt, &rw, &w.gpu, &shape, &y).unwrap();
+    s.submit_and_wait().unwrap();
+    let logits = vllm_apple_ops::kernels::matmul::cpu::matmul(&x, &router, e, h);
+    let (ids, ws) = moe::cpu::route(&logits, e, 4, false);
+    let want = moe::cpu::experts(&x, &ids, &ws, 4, &w.gate, &w.up, &w.down, h, f);
+    assert_close("moe layer", &y.to_f32_vec(ctx).unwrap(), &want, 2e-4);
+}
+
+#[test]
+fn moe_rejects_bad_shapes() {
+    let ctx = ctx();
+    let lt = ctx.upload_f32(&[2, 4], DType::F32, &[0.0; 8]).unwrap();
+    let mut s = Step::new(ctx);
+    for (e, k) in [(4usize, 5usize), (4, 0), (0, 1), (600, 2)] {
+        let shape = MoeShape {
+            experts: e,
+            top_k: k,
+            norm_topk: true,
+        };
+        let err = moe::route(&mut s, &lt, &shape, 8).err().expect("rejected");
+        assert!(
+            err.to_string().contains("expert") || err.to_string().contains("top-k"),
+            "{err}"
+        );
+    }
+}
