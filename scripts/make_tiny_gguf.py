@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""GGUF versions of the tiny Qwen3 and Llama fixtures (scripts/make_tiny_models.py), written
-with the `gguf` package the way llama.cpp's converter lays them out (llama q/k rows
-permuted for its rotary layout), so the GGUF loader is checked against the same reference
-logits. F32 tensors (exact copies of the bf16 weights). Run by hand after the tiny models."""
+"""GGUF versions of the tiny Qwen3, Llama and Qwen3-MoE (all layers MoE) fixtures
+(scripts/make_tiny_models.py), written with the `gguf` package the way llama.cpp's converter
+lays them out (llama q/k rows permuted for its rotary layout; Qwen3-MoE experts stacked into
+[E, F, H] / [E, H, F] tensors), so the GGUF loader is checked against the same reference
+logits. F32 tensors (exact copies of the bf16 weights). Run by hand after the tiny models;
+`python scripts/make_tiny_gguf.py qwen3moe_all` writes only the named fixtures."""
 import json
 import pathlib
+import re
+import sys
 
 import gguf
 import numpy as np
@@ -33,12 +37,22 @@ NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
-for arch in ["qwen3", "llama"]:
-    cfg = json.loads((tiny / arch / "config.json").read_text())
+# llama.cpp tensor names of the MoE feed-forward (gguf.constants), without the ".weight"
+MOE = {t: gguf.TENSOR_NAMES[t] for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                                          gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)}
+assert all(t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE] for t in MOE)
+EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+
+only = sys.argv[1:]
+for fixture in ["qwen3", "llama", "qwen3moe_all"]:
+    if only and fixture not in only:
+        continue
+    cfg = json.loads((tiny / fixture / "config.json").read_text())
+    arch = {"qwen3_moe": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3MOE]}.get(cfg["model_type"], fixture)
     import torch
     from safetensors.torch import load_file as load_torch
-    tensors = {k: v.to(torch.float32).numpy() for k, v in load_torch(str(tiny / arch / "model.safetensors")).items()}
-    w = gguf.GGUFWriter(str(tiny / f"{arch}.gguf"), arch)
+    tensors = {k: v.to(torch.float32).numpy() for k, v in load_torch(str(tiny / fixture / "model.safetensors")).items()}
+    w = gguf.GGUFWriter(str(tiny / f"{fixture}.gguf"), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -48,6 +62,30 @@ for arch in ["qwen3", "llama"]:
     w.add_key_length(cfg["head_dim"])
     w.add_value_length(cfg["head_dim"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "qwen3moe":
+        # llama.cpp's qwen3moe has no dense layers (and always renormalises the top-k weights)
+        assert not cfg["mlp_only_layers"] and cfg["decoder_sparse_step"] == 1 and cfg["norm_topk_prob"]
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        # stack the per-expert HF matrices like convert_hf_to_gguf.py's Qwen2MoeModel:
+        # gate/up [F, H] -> [E, F, H], down [H, F] -> [E, H, F] (numpy shapes)
+        experts = {}
+        for k in [k for k in tensors if EXPERT.fullmatch(k)]:
+            layer, e, kind = EXPERT.fullmatch(k).groups()
+            experts.setdefault((int(layer), kind), {})[int(e)] = tensors.pop(k)
+        for (layer, kind), per in experts.items():
+            assert sorted(per) == list(range(cfg["num_experts"]))
+            t = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
+                 "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}[kind]
+            tensors[f"{MOE[t].format(bid=layer)}.weight"] = np.stack([per[e] for e in range(cfg["num_experts"])])
+        for layer in range(cfg["num_hidden_layers"]):
+            tensors[f"{MOE[gguf.MODEL_TENSOR.FFN_GATE_INP].format(bid=layer)}.weight"] = \
+                tensors.pop(f"model.layers.{layer}.mlp.gate.weight")  # router [E, H]
+        def order(k):  # embeddings, then layer by layer, then final norm and head (stable sort)
+            m = re.search(r"(?:layers|blk)\.(\d+)\.", k)
+            return int(m.group(1)) if m else (-1 if "embed" in k else 1 << 30)
+        tensors = dict(sorted(tensors.items(), key=lambda kv: order(kv[0])))
     rp = cfg["rope_parameters"]
     w.add_rope_freq_base(rp["rope_theta"])
     if rp.get("rope_type") == "llama3":
@@ -68,6 +106,8 @@ for arch in ["qwen3", "llama"]:
             name = "output_norm.weight"
         elif k == "lm_head.weight":
             name = "output.weight"
+        elif k.startswith("blk."):
+            name = k  # already a llama.cpp name (Qwen3-MoE router and stacked experts)
         else:
             _, _, layer, rest = k.split(".", 3)
             name = f"blk.{layer}.{NAMES[rest]}"
@@ -80,4 +120,4 @@ for arch in ["qwen3", "llama"]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    print("wrote", tiny / f"{arch}.gguf")
+    print("wrote", tiny / f"{fixture}.gguf")

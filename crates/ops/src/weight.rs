@@ -41,6 +41,7 @@ impl Weight {
 
     /// Like `upload`, for a stack of `n / group_rows` matrices of `group_rows` rows each
     /// (experts): chunks hold whole groups, so a kernel finds each group in one binding.
+    #[allow(clippy::too_many_arguments)]
     pub fn upload_grouped(
         ctx: &GpuContext,
         label: &str,
