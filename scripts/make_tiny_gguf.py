@@ -3,8 +3,11 @@
 (scripts/make_tiny_models.py), written with the `gguf` package the way llama.cpp's converter
 lays them out (llama q/k rows permuted for its rotary layout; Qwen3-MoE experts stacked into
 [E, F, H] / [E, H, F] tensors), so the GGUF loader is checked against the same reference
-logits. F32 tensors (exact copies of the bf16 weights). Run by hand after the tiny models;
-`python scripts/make_tiny_gguf.py qwen3moe_all` writes only the named fixtures."""
+logits. F32 tensors (exact copies of the bf16 weights), except in the fixtures of F16_FIXTURES,
+which store their 2-D and 3-D weights as F16 like `convert_hf_to_gguf.py --outtype f16` (1-D
+tensors, norms and the MoE router stay F32; bf16 -> f16 is exact but for a few tiny subnormals).
+Tied embeddings: no output.weight, as llama.cpp's converter writes them. Run by hand after the
+tiny models; `python scripts/make_tiny_gguf.py qwen3moe_all` writes only the named fixtures."""
 import json
 import pathlib
 import re
@@ -43,6 +46,9 @@ MOE = {t: gguf.TENSOR_NAMES[t] for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MO
 assert all(t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE] for t in MOE)
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
+F16_FIXTURES = {"qwen3moe_all"}
+ROUTER = re.compile(re.escape(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP]).replace(r"\{bid\}", r"\d+") + r"\.weight")
+
 only = sys.argv[1:]
 for fixture in ["qwen3", "llama", "qwen3moe_all"]:
     if only and fixture not in only:
@@ -52,7 +58,12 @@ for fixture in ["qwen3", "llama", "qwen3moe_all"]:
     import torch
     from safetensors.torch import load_file as load_torch
     tensors = {k: v.to(torch.float32).numpy() for k, v in load_torch(str(tiny / fixture / "model.safetensors")).items()}
+    if cfg.get("tie_word_embeddings"):
+        assert "lm_head.weight" not in tensors  # transformers does not save the tied head
+    f16 = fixture in F16_FIXTURES
     w = gguf.GGUFWriter(str(tiny / f"{fixture}.gguf"), arch)
+    if f16:
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -115,7 +126,9 @@ for fixture in ["qwen3", "llama", "qwen3moe_all"]:
                 v = permute(v, cfg["num_attention_heads"])
             if arch == "llama" and rest == "self_attn.k_proj.weight":
                 v = permute(v, cfg["num_key_value_heads"])
-        w.add_tensor(name, np.ascontiguousarray(v, dtype=np.float32))
+        # convert_hf_to_gguf.py keeps 1-D tensors, norms and ffn_gate_inp (router) in F32
+        dtype = np.float16 if f16 and v.ndim >= 2 and not ROUTER.fullmatch(name) else np.float32
+        w.add_tensor(name, np.ascontiguousarray(v, dtype=dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -35,10 +35,12 @@ models = {
     "qwen3moe_all": (Qwen3MoeForCausalLM, Qwen3MoeConfig(rope_theta=1e6, **dict(moe, tie_word_embeddings=True),
                                                           num_hidden_layers=2, mlp_only_layers=[])),
 }
-# torch seed per model (default 0); MoE seeds chosen so that the smallest gap between the k-th and
-# (k+1)-th router probability is >= 1e-3, so f16 rounding cannot flip a routing choice
-SEEDS = {}
-MIN_GAP = 1e-3
+# torch seed per model (default 0). The MoE seeds are the best of seeds 0-24 by the smallest gap between
+# the k-th and (k+1)-th router probability over all prompts, positions and layers (seed 0: ~7e-5 and
+# ~8e-5; no seed reached 1e-3), so that rounding (f16 weights, f16/f32 GPU arithmetic) is unlikely to flip
+# a routing choice; the run fails if the gap drops below MIN_GAP.
+SEEDS = {"qwen3moe": 7, "qwen3moe_all": 10}
+MIN_GAP = 3e-4
 import sys
 only = sys.argv[1:]
 for name, (cls, cfg) in models.items():

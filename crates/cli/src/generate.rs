@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_model::config::ModelConfig;
-use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::gguf::GgufFile;
 use vllm_apple_model::resolve::{hub_cache, resolve, ModelLocation};
 use vllm_apple_model::runner::{generate, Sampling};
@@ -78,7 +78,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             let file = GgufFile::open(path)?;
             (
                 GgufTokenizer::from_gguf(&file.gguf)?,
-                DenseModel::from_gguf(&ctx, &file, dtype.unwrap_or(DType::F16))?,
+                DecoderModel::from_gguf(&ctx, &file, dtype.unwrap_or(DType::F16))?,
             )
         }
         ModelLocation::HfDir(dir) => {
@@ -89,9 +89,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
             };
             let model = if args.load_format == "dummy" {
-                DenseModel::dummy(&ctx, cfg, dtype, args.seed as u32)?
+                DecoderModel::dummy(&ctx, cfg, dtype, args.seed as u32)?
             } else {
-                DenseModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?
+                DecoderModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?
             };
             (GgufTokenizer::from_hf_dir(dir)?, model)
         }

@@ -8,7 +8,9 @@ use crate::gguf::{Gguf, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown architecture '{0}': supported are llama, qwen3 (qwen2 and qwen3moe come next)"
+        "unknown architecture '{0}': supported are LlamaForCausalLM (and MistralForCausalLM), \
+         Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM; in GGUF llama, qwen2, qwen3, \
+         qwen3moe"
     )]
     UnknownArchitecture(String),
     #[error("model metadata lacks '{0}'")]
@@ -22,6 +24,24 @@ pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    /// Qwen3 attention with a mixture-of-experts MLP (Qwen3-30B-A3B).
+    Qwen3Moe,
+}
+
+/// The mixture-of-experts part of a config (Qwen3-MoE).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Intermediate size of one expert (`moe_intermediate_size`).
+    pub ffn: usize,
+    /// Renormalise the top-k probabilities (`norm_topk_prob`).
+    pub norm_topk: bool,
+    /// Every `sparse_step`-th layer is MoE (`decoder_sparse_step`).
+    pub sparse_step: usize,
+    /// Layers that keep a dense MLP whatever the step (`mlp_only_layers`).
+    pub mlp_only_layers: Vec<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +65,21 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// The checkpoint's own dtype (`dtype` / `torch_dtype` in config.json), what `auto` picks.
     pub checkpoint_dtype: Option<String>,
+    /// Mixture-of-experts MLPs (Qwen3-MoE); `None` for dense models.
+    pub moe: Option<MoeConfig>,
+}
+
+impl ModelConfig {
+    /// Whether layer `i` has a MoE MLP, as transformers decides it: not listed in
+    /// `mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0`.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| {
+            m.experts > 0
+                && !m.mlp_only_layers.contains(&i)
+                && m.sparse_step > 0
+                && (i + 1).is_multiple_of(m.sparse_step)
+        })
+    }
 }
 
 impl ModelConfig {
@@ -66,6 +101,7 @@ impl ModelConfig {
             Some("LlamaForCausalLM") | Some("MistralForCausalLM") => Arch::Llama,
             Some("Qwen3ForCausalLM") => Arch::Qwen3,
             Some("Qwen2ForCausalLM") => Arch::Qwen2,
+            Some("Qwen3MoeForCausalLM") => Arch::Qwen3Moe,
             Some(other) => return Err(ConfigError::UnknownArchitecture(other.into())),
             None => return Err(ConfigError::Missing("architectures".into())),
         };
@@ -103,7 +139,40 @@ impl ModelConfig {
             }),
             _ => None,
         };
+        let moe = if arch == Arch::Qwen3Moe {
+            let mlp_only_layers = match &v["mlp_only_layers"] {
+                serde_json::Value::Null => Vec::new(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "mlp_only_layers".into(),
+                        detail: "expected a list of layer indices".into(),
+                    })?,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "mlp_only_layers".into(),
+                        detail: format!("expected a list, got {other}"),
+                    })
+                }
+            };
+            Some(MoeConfig {
+                experts: uint("num_experts").or_else(|_| uint("num_local_experts"))?,
+                top_k: uint("num_experts_per_tok")?,
+                ffn: uint("moe_intermediate_size")?,
+                norm_topk: v["norm_topk_prob"].as_bool().unwrap_or(false),
+                sparse_step: v["decoder_sparse_step"].as_u64().unwrap_or(1) as usize,
+                mlp_only_layers,
+            })
+        } else {
+            None
+        };
+        if let Some(m) = &moe {
+            check_moe(m, "num_experts_per_tok")?;
+        }
         Ok(ModelConfig {
+            moe,
             arch,
             hidden,
             layers: uint("num_hidden_layers")?,
@@ -113,7 +182,12 @@ impl ModelConfig {
                 .as_u64()
                 .map(|x| x as usize)
                 .unwrap_or(hidden / q_heads),
-            ffn: uint("intermediate_size")?,
+            // MoE configs whose every layer is sparse may omit the dense size.
+            ffn: if arch == Arch::Qwen3Moe {
+                uint("intermediate_size").unwrap_or(0)
+            } else {
+                uint("intermediate_size")?
+            },
             vocab: uint("vocab_size")?,
             rope_theta: v["rope_theta"]
                 .as_f64()
@@ -123,7 +197,7 @@ impl ModelConfig {
             rms_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
             max_position: v["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
             tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe),
             qkv_bias: arch == Arch::Qwen2,
             checkpoint_dtype: v["dtype"]
                 .as_str()
@@ -141,6 +215,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen3" => Arch::Qwen3,
             "qwen2" => Arch::Qwen2,
+            "qwen3moe" => Arch::Qwen3Moe,
             other => return Err(ConfigError::UnknownArchitecture(other.into())),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -194,14 +269,34 @@ impl ModelConfig {
             }),
             _ => None,
         };
+        // llama.cpp's qwen3moe: every layer sparse, top-k always renormalised.
+        let moe = if arch == Arch::Qwen3Moe {
+            let m = MoeConfig {
+                experts: uint("expert_count")?,
+                top_k: uint("expert_used_count")?,
+                ffn: uint("expert_feed_forward_length")?,
+                norm_topk: true,
+                sparse_step: 1,
+                mlp_only_layers: Vec::new(),
+            };
+            check_moe(&m, &key("expert_used_count"))?;
+            Some(m)
+        } else {
+            None
+        };
         Ok(ModelConfig {
+            moe,
             arch,
             hidden,
             layers: uint("block_count")?,
             q_heads,
             kv_heads,
             head_dim,
-            ffn: uint("feed_forward_length")?,
+            ffn: if arch == Arch::Qwen3Moe {
+                uint("feed_forward_length").unwrap_or(0)
+            } else {
+                uint("feed_forward_length")?
+            },
             vocab,
             rope_theta: get("rope.freq_base")
                 .and_then(Value::as_f64)
@@ -212,11 +307,24 @@ impl ModelConfig {
                 .unwrap_or(1e-6) as f32,
             max_position: uint("context_length").unwrap_or(2048),
             tie_embeddings: g.tensor("output.weight").is_none(),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe),
             qkv_bias: arch == Arch::Qwen2,
             checkpoint_dtype: None,
         })
     }
+}
+
+fn check_moe(m: &MoeConfig, key: &str) -> Result<(), ConfigError> {
+    if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts || m.ffn == 0 {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            detail: format!(
+                "{} of {} experts with intermediate size {}",
+                m.top_k, m.experts, m.ffn
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -253,5 +361,28 @@ mod tests {
             "{e}"
         );
         assert!(ModelConfig::from_hf_config("{not json").is_err());
+    }
+
+    #[test]
+    fn qwen3_moe_config() {
+        let json = include_str!("../../../configs/qwen3-30b-a3b.json");
+        let c = ModelConfig::from_hf_config(json).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3Moe);
+        let m = c.moe.clone().unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.ffn, m.norm_topk),
+            (128, 8, 768, true)
+        );
+        assert!((0..c.layers).all(|i| c.is_moe_layer(i)));
+        // decoder_sparse_step and mlp_only_layers pick the dense layers.
+        let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["decoder_sparse_step"] = 2.into();
+        v["mlp_only_layers"] = serde_json::json!([3]);
+        let c = ModelConfig::from_hf_config(&v.to_string()).unwrap();
+        let sparse: Vec<usize> = (0..6).filter(|&i| c.is_moe_layer(i)).collect();
+        assert_eq!(sparse, vec![1, 5]);
+        v["num_experts_per_tok"] = 200.into();
+        let e = ModelConfig::from_hf_config(&v.to_string()).unwrap_err();
+        assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
     }
 }

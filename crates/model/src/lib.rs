@@ -1,7 +1,7 @@
 //! The model layer of vllm-apple: weight file formats and (next) model forwards.
 
 pub mod config;
-pub mod dense;
+pub mod decoder;
 pub mod dequant;
 pub mod gguf;
 pub mod resolve;

@@ -13,7 +13,7 @@ use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlic
 use vllm_apple_ops::kv_cache::KvCache;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
 
-use crate::dense::{DenseModel, ModelError};
+use crate::decoder::{DecoderModel, ModelError};
 
 pub const BLOCK_SIZE: usize = 16;
 
@@ -47,7 +47,7 @@ pub struct Generated {
 #[allow(clippy::too_many_arguments)]
 fn one_step(
     ctx: &GpuContext,
-    model: &DenseModel,
+    model: &DecoderModel,
     kv: &KvCache,
     table: &[u32],
     tokens: &[u32],
@@ -89,7 +89,7 @@ fn one_step(
 /// Continuation of `prompt` for up to `max_tokens` tokens, stopping after any id in `stop`.
 pub fn generate(
     ctx: &GpuContext,
-    model: &DenseModel,
+    model: &DecoderModel,
     prompt: &[u32],
     max_tokens: usize,
     stop: &[u32],

@@ -97,7 +97,7 @@ fn tensors_dequantize_to_plausible_weights() {
 mod generation {
     use super::model;
     use std::sync::Arc;
-    use vllm_apple_model::dense::DenseModel;
+    use vllm_apple_model::decoder::DecoderModel;
     use vllm_apple_model::runner::{generate, Sampling};
     use vllm_apple_model::tokenizer::GgufTokenizer;
     use vllm_apple_ops::kernels::attention::AttentionOptions;
@@ -137,7 +137,7 @@ mod generation {
         let ctx = ctx();
         let f = model();
         let tok = GgufTokenizer::from_gguf(&f.gguf).unwrap();
-        let m = DenseModel::from_gguf(&ctx, &f, DType::F16).unwrap();
+        let m = DecoderModel::from_gguf(&ctx, &f, DType::F16).unwrap();
         let prompt = tok
             .apply_chat_template(&[("user", "What is the capital of France?")], true)
             .unwrap();
@@ -181,7 +181,7 @@ mod generation {
 /// (fixture made by scripts/make_smollm2_reference.py: transformers 5.24, float32).
 mod parity {
     use super::model;
-    use vllm_apple_model::dense::DenseModel;
+    use vllm_apple_model::decoder::DecoderModel;
     use vllm_apple_model::runner::{generate, Sampling};
     use vllm_apple_model::tokenizer::GgufTokenizer;
     use vllm_apple_ops::kernels::attention::AttentionOptions;
@@ -201,7 +201,7 @@ mod parity {
         let ctx = GpuContext::new(&ContextOptions::default()).unwrap();
         let f = model();
         let tok = GgufTokenizer::from_gguf(&f.gguf).unwrap();
-        let m = DenseModel::from_gguf(&ctx, &f, dtype).unwrap();
+        let m = DecoderModel::from_gguf(&ctx, &f, dtype).unwrap();
         for case in fixture["cases"].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
             let text = tok.apply_chat_template(&[("user", prompt)], true).unwrap();

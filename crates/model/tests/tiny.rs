@@ -1,12 +1,12 @@
-//! Parity with Hugging Face transformers on tiny random Qwen3 and Llama models (made by
-//! scripts/make_tiny_models.py: bf16 safetensors + config.json, reference logits at every
-//! position and 16-token greedy continuations computed in float32): loaded from the
-//! Hugging Face folder in float32, bfloat16 and float16.
+//! Parity with Hugging Face transformers on tiny random Qwen3, Qwen2, Llama and Qwen3-MoE
+//! models (made by scripts/make_tiny_models.py: bf16 safetensors + config.json, reference
+//! logits at every position and 16-token greedy continuations computed in float32): loaded
+//! from the Hugging Face folder in float32, bfloat16 and float16, and from GGUF.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::gguf::GgufFile;
 use vllm_apple_model::runner::{generate, Sampling};
 use vllm_apple_model::safetensors_dir::SafetensorsDir;
@@ -30,7 +30,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 }
 
 /// Logits of every position of `prompt`, one prefill step.
-fn all_logits(m: &DenseModel, prompt: &[u32]) -> Vec<f32> {
+fn all_logits(m: &DecoderModel, prompt: &[u32]) -> Vec<f32> {
     let ctx = ctx();
     let blocks = prompt.len().div_ceil(16);
     let kv = KvCache::new(ctx, m.kv_spec(16), blocks).unwrap();
@@ -69,7 +69,7 @@ fn check(name: &str, dtype: DType) {
     let st = SafetensorsDir::open(&dir).unwrap();
     check_model(
         name,
-        &DenseModel::from_hf_dir(ctx(), &st, dtype).unwrap(),
+        &DecoderModel::from_hf_dir(ctx(), &st, dtype).unwrap(),
         dtype,
     );
 }
@@ -81,12 +81,12 @@ fn check_gguf(name: &str, dtype: DType) {
     let file = GgufFile::open(&path).unwrap();
     check_model(
         name,
-        &DenseModel::from_gguf(ctx(), &file, dtype).unwrap(),
+        &DecoderModel::from_gguf(ctx(), &file, dtype).unwrap(),
         dtype,
     );
 }
 
-fn check_model(name: &str, m: &DenseModel, dtype: DType) {
+fn check_model(name: &str, m: &DecoderModel, dtype: DType) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny")
         .join(name);
@@ -176,6 +176,24 @@ fn qwen3_gguf() {
 #[test]
 fn llama_gguf_with_permuted_qk() {
     check_gguf("llama", DType::F32);
+}
+
+#[test]
+fn qwen3_moe_with_a_dense_layer() {
+    // Layers 0 and 2 MoE (16 experts, top-4, renormalised), layer 1 dense (mlp_only_layers).
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        check("qwen3moe", dtype);
+    }
+}
+
+#[test]
+fn qwen3_moe_all_sparse_and_tied() {
+    check("qwen3moe_all", DType::BF16);
+}
+
+#[test]
+fn qwen3_moe_gguf() {
+    check_gguf("qwen3moe_all", DType::F16);
 }
 
 #[test]

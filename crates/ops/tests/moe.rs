@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, ctx, randn, rng};
 use vllm_apple_ops::kernels::moe::{
-    self, ExpertWeights, GroupedConfig, MoeScratch, MoeShape, Routing,
+    self, ExpertWeights, GroupedConfig, GroupedPath, MoeScratch, MoeShape, Routing,
 };
 use vllm_apple_ops::{DType, Step, Weight};
 
@@ -194,6 +194,18 @@ fn check_moe(
     w: &Experts,
     cfg: Option<GroupedConfig>,
 ) {
+    check_moe_tol(what, x, logits, shape, w, cfg, 2e-4);
+}
+
+fn check_moe_tol(
+    what: &str,
+    x: &[f32],
+    logits: &[f32],
+    shape: &MoeShape,
+    w: &Experts,
+    cfg: Option<GroupedConfig>,
+    tol: f64,
+) {
     let ctx = ctx();
     let (h, f) = (w.gpu.hidden, w.gpu.ffn);
     let t = x.len() / h;
@@ -207,7 +219,7 @@ fn check_moe(
     s.submit_and_wait().unwrap();
     let (ids, ws) = moe::cpu::route(logits, shape.experts, shape.top_k, shape.norm_topk);
     let want = moe::cpu::experts(x, &ids, &ws, shape.top_k, &w.gate, &w.up, &w.down, h, f);
-    assert_close(what, &y.to_f32_vec(ctx).unwrap(), &want, 2e-4);
+    assert_close(what, &y.to_f32_vec(ctx).unwrap(), &want, tol);
 }
 
 #[test]
@@ -229,8 +241,8 @@ fn expert_mlp_matches_cpu_across_batches_and_chunks() {
             let logits = randn(&mut r, t * e, 3.0);
             for cfg in [
                 None,
-                Some(GroupedConfig { mt: 4, tile: 6 }),
-                Some(GroupedConfig { mt: 1, tile: 64 }),
+                Some(GroupedConfig::gemv(4, 6)),
+                Some(GroupedConfig::gemv(1, 64)),
             ] {
                 check_moe(
                     &format!("E={e} k={k} T={t} {cfg:?}"),
@@ -239,6 +251,55 @@ fn expert_mlp_matches_cpu_across_batches_and_chunks() {
                     &shape,
                     &w,
                     cfg,
+                );
+            }
+        }
+    }
+}
+
+/// The cooperative-matrix path (prefill-sized groups) where the adapter offers it: the H100
+/// (16x16) and Apple GPUs (8x8); lavapipe has no matrices and skips it.
+#[test]
+fn expert_mlp_cooperative_matrix_path() {
+    let ctx = ctx();
+    let Some(c) = ctx.coop.filter(|_| ctx.subgroup_is(32)) else {
+        eprintln!("no cooperative matrices with subgroups of 32 here: path not run");
+        return;
+    };
+    let mut r = rng(47);
+    let (h, f) = (200, 72);
+    for (e, k, chunk, dtype) in [
+        (16usize, 4usize, 5usize, DType::F16),
+        (8, 2, 8, DType::BF16),
+    ] {
+        let w = experts(e, h, f, dtype, chunk, 48 + e as u64);
+        let shape = MoeShape {
+            experts: e,
+            top_k: k,
+            norm_topk: true,
+        };
+        for t in [1usize, 37, 300] {
+            let x = randn(&mut r, t * h, 1.0);
+            let mut logits = randn(&mut r, t * e, 3.0);
+            if t == 300 {
+                for row in logits.chunks_mut(e) {
+                    row[3] = 20.0; // 300 rows on one expert: three tiles
+                }
+            }
+            for tile in [8 * c.m, 40] {
+                let cfg = GroupedConfig {
+                    path: GroupedPath::Coop,
+                    tile,
+                };
+                // Activations are rounded to f16 before the product.
+                check_moe_tol(
+                    &format!("coop E={e} T={t} tile={tile}"),
+                    &x,
+                    &logits,
+                    &shape,
+                    &w,
+                    Some(cfg),
+                    4e-3,
                 );
             }
         }

@@ -1,13 +1,14 @@
 //! `vllm-apple bench decode`: single-sequence generation speed of a whole model, real (GGUF)
 //! or dummy (random weights from a Hugging Face config.json, made on the GPU), against the
-//! bandwidth roofline: weight bytes read per token / copy-kernel bandwidth.
+//! bandwidth roofline: weight bytes read per token (a MoE layer's router and top-k experts,
+//! not all its experts) / copy-kernel bandwidth.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_model::config::ModelConfig;
-use vllm_apple_model::dense::DenseModel;
+use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::gguf::GgufFile;
 use vllm_apple_model::runner::{generate, Sampling};
 use vllm_apple_ops::kernels::attention::AttentionOptions;
@@ -47,14 +48,14 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         (Some(path), None) => {
             let file = GgufFile::open(path)?;
             (
-                DenseModel::from_gguf(&ctx, &file, dtype)?,
+                DecoderModel::from_gguf(&ctx, &file, dtype)?,
                 path.display().to_string(),
             )
         }
         (None, Some(path)) => {
             let cfg = ModelConfig::from_hf_config(&std::fs::read_to_string(path)?)?;
             (
-                DenseModel::dummy(&ctx, cfg, dtype, 1)?,
+                DecoderModel::dummy(&ctx, cfg, dtype, 1)?,
                 format!("{} (dummy weights)", path.display()),
             )
         }
@@ -78,13 +79,18 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         Sampling::greedy(),
     )?;
     let decode_tok_s = (out.ids.len() - 1) as f64 / out.decode_seconds;
-    let bytes = model.weight_bytes() as f64;
+    let total = model.weight_bytes() as f64;
+    let bytes = model.active_weight_bytes_per_token() as f64;
     let roofline = copy / bytes;
     println!(
-        "model: {what}, {} layers, {:.2} GB of {dtype} weights, loaded in {load:.1} s",
+        "model: {what}, {} layers, {:.2} GB of {dtype} weights ({:.2} GB read per token), loaded in {load:.1} s",
         model.cfg.layers,
+        total / 1e9,
         bytes / 1e9
     );
+    if let Some(n) = model.moe_layer_dispatches() {
+        println!("MoE layer: {n} dispatches (router GEMM, routing, gate/up, down, combine)");
+    }
     println!(
         "device: {} ({:?}); copy kernel {:.1} GB/s",
         ctx.info.name,
@@ -98,7 +104,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         args.prompt as f64 / out.prefill_seconds
     );
     println!(
-        "decode: {decode_tok_s:.1} tok/s = {:.2} ms/token; roofline {roofline:.1} tok/s (weights / copy bandwidth): {:.1}%",
+        "decode: {decode_tok_s:.1} tok/s = {:.2} ms/token; roofline {roofline:.1} tok/s (weights read / copy bandwidth): {:.1}%",
         1e3 / decode_tok_s,
         100.0 * decode_tok_s / roofline
     );

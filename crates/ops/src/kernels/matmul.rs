@@ -15,10 +15,12 @@ const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
 const GEMM_COOP_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
+    include_str!("wgsl/gemm_coop_dense.wgsl"),
     include_str!("wgsl/gemm_coop.wgsl")
 );
 const GEMM_COOP_VEC: &str = concat!(
     wgsl!("gemm_coop_stage_vec.wgsl"),
+    include_str!("wgsl/gemm_coop_dense.wgsl"),
     include_str!("wgsl/gemm_coop.wgsl")
 );
 
@@ -119,6 +121,11 @@ fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
     } else {
         ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR)
     };
+    coop_base(name, src, s, dtype)
+}
+
+/// A kernel built on gemm_coop.wgsl with fragment size `s` and weight dtype `dtype`.
+pub(crate) fn coop_base(name: &'static str, src: &'static str, s: u32, dtype: DType) -> Kernel {
     Kernel::new(name, src, "gemm_coop")
         .u32("S", s)
         .u32("W_DTYPE", dtype.float_code())
@@ -126,6 +133,11 @@ fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
         .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
         .coop()
+}
+
+/// Whether the cooperative-matrix GEMM runs here: matrices offered, subgroups of 32.
+pub(crate) fn coop_available(step: &Step) -> bool {
+    step.ctx.coop.is_some() && step.ctx.subgroup_is(32)
 }
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
@@ -165,10 +177,7 @@ fn gemv_ok(m: usize, w: &Weight) -> bool {
 }
 
 fn coop_ok(step: &Step, w: &Weight) -> bool {
-    step.ctx.coop.is_some()
-        && step.ctx.subgroup_is(32)
-        && w.dtype.is_half()
-        && w.k.is_multiple_of(8)
+    coop_available(step) && w.dtype.is_half() && w.k.is_multiple_of(8)
 }
 
 /// The path `Auto` takes for this shape on this device.

@@ -71,6 +71,6 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(attention::variants());
     v.extend(fill::variants());
     v.extend(bias::variants());
-    v.extend(moe::variants());
+    v.extend(moe::variants(coop_sizes));
     v
 }

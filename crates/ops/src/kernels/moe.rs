@@ -24,6 +24,16 @@ use crate::weight::Weight;
 const ROUTE: &str = wgsl!("moe_route.wgsl");
 const GEMV: &str = wgsl!("moe_gemv.wgsl");
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
+const COOP_SCALAR: &str = concat!(
+    wgsl!("gemm_coop_stage_scalar.wgsl"),
+    include_str!("wgsl/moe_coop.wgsl"),
+    include_str!("wgsl/gemm_coop.wgsl")
+);
+const COOP_VEC: &str = concat!(
+    wgsl!("gemm_coop_stage_vec.wgsl"),
+    include_str!("wgsl/moe_coop.wgsl"),
+    include_str!("wgsl/gemm_coop.wgsl")
+);
 
 /// Most experts the routing kernel's counters hold.
 pub const MAX_EXPERTS: usize = 512;
@@ -157,24 +167,49 @@ pub struct Routing {
     pub max_tiles: usize,
 }
 
-/// Rows per tile and per register batch of the grouped GEMV.
+/// How the grouped expert GEMMs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupedPath {
+    /// Grouped GEMV: `mt` tokens accumulated together in registers (decode-sized groups).
+    Gemv { mt: u32 },
+    /// Cooperative-matrix tiles of 8 S x 8 S (prefill-sized groups), where offered.
+    Coop,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupedConfig {
-    /// Tokens accumulated together in registers.
-    pub mt: u32,
-    /// Rows of one routing tile (a tile is one workgroup row of the grid).
+    pub path: GroupedPath,
+    /// Most rows of one routing tile (a tile is one workgroup row of the grid).
     pub tile: u32,
 }
 
 impl GroupedConfig {
-    /// One register batch when tokens rarely share an expert (decode); four with longer
-    /// tiles as groups grow.
-    pub fn for_batch(tokens: usize, shape: &MoeShape) -> GroupedConfig {
+    /// GEMV with one register batch when tokens rarely share an expert (decode), four with
+    /// longer tiles as groups grow, and cooperative matrices once experts average 32 rows.
+    pub fn auto(ctx: &GpuContext, tokens: usize, shape: &MoeShape) -> GroupedConfig {
         let pairs = tokens * shape.top_k;
-        if pairs <= shape.experts {
-            GroupedConfig { mt: 1, tile: 8 }
-        } else {
-            GroupedConfig { mt: 4, tile: 32 }
+        let coop = ctx.coop.filter(|_| ctx.subgroup_is(32));
+        match coop {
+            Some(c) if pairs >= 32 * shape.experts => GroupedConfig {
+                path: GroupedPath::Coop,
+                tile: 8 * c.m,
+            },
+            _ if pairs <= shape.experts => GroupedConfig {
+                path: GroupedPath::Gemv { mt: 1 },
+                tile: 8,
+            },
+            _ => GroupedConfig {
+                path: GroupedPath::Gemv { mt: 4 },
+                tile: 32,
+            },
+        }
+    }
+
+    /// The grouped GEMV with `mt` tokens per register batch and tiles of `tile` rows.
+    pub fn gemv(mt: u32, tile: u32) -> GroupedConfig {
+        GroupedConfig {
+            path: GroupedPath::Gemv { mt },
+            tile,
         }
     }
 }
@@ -200,17 +235,33 @@ fn gemv_kernel(mt: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
         .u32("GATHER", gather as u32)
 }
 
+fn coop_kernel(s: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
+    let (name, src) = if s == 16 {
+        ("moe_coop.wgsl+vec", COOP_VEC)
+    } else {
+        ("moe_coop.wgsl+scalar", COOP_SCALAR)
+    };
+    matmul::coop_base(name, src, s, dtype)
+        .u32("ACT", act as u32)
+        .u32("GATHER", gather as u32)
+}
+
 fn combine_kernel() -> Kernel {
     Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine")
 }
 
-pub(crate) fn variants() -> Vec<Kernel> {
+pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = vec![route_kernel(), combine_kernel()];
+    for &s in coop_sizes {
+        v.push(coop_kernel(s, DType::F16, true, true));
+        v.push(coop_kernel(s, DType::BF16, false, false));
+    }
     for (mt, dt, act) in [
         (1, DType::F16, true),
         (1, DType::F16, false),
         (4, DType::BF16, true),
         (4, DType::BF16, false),
+        (2, DType::F32, true),
     ] {
         v.push(gemv_kernel(mt, dt, act, act));
     }
@@ -309,7 +360,7 @@ impl MoeScratch {
         ffn: usize,
         cfg: Option<GroupedConfig>,
     ) -> Result<MoeScratch> {
-        let cfg = cfg.unwrap_or_else(|| GroupedConfig::for_batch(tokens, shape));
+        let cfg = cfg.unwrap_or_else(|| GroupedConfig::auto(ctx, tokens, shape));
         let pairs = tokens * shape.top_k;
         Ok(MoeScratch {
             cfg,
@@ -334,18 +385,56 @@ fn grouped(
     gather: bool,
     cfg: GroupedConfig,
 ) -> Result<()> {
-    if !w.dtype.is_half() || !w.k.is_multiple_of(8) {
+    let vec = if w.dtype == DType::F32 { 4 } else { 8 };
+    if !w.k.is_multiple_of(vec) {
         return Err(shape_err(
             "moe gemm",
             format!(
-                "expert weights must be f16 or bf16 with K % 8 == 0; got {} K = {}",
+                "{} expert weights need K % {vec} == 0; got K = {}",
                 w.dtype, w.k
             ),
         ));
     }
-    let rows_per_group = (GEMV_WG / GEMV_TPR * GEMV_RPT) as usize;
-    let groups_x = rows_per_expert.div_ceil(rows_per_group);
-    let kernel = gemv_kernel(cfg.mt, w.dtype, act, gather);
+    let (kernel, groups_x) = match cfg.path {
+        GroupedPath::Gemv { mt } => {
+            if mt == 0 || mt as usize * GEMV_RPT as usize > 64 {
+                return Err(shape_err(
+                    "moe gemm",
+                    format!("{mt} tokens per register batch"),
+                ));
+            }
+            let rows_per_group = (GEMV_WG / GEMV_TPR * GEMV_RPT) as usize;
+            (
+                gemv_kernel(mt, w.dtype, act, gather),
+                rows_per_expert.div_ceil(rows_per_group),
+            )
+        }
+        GroupedPath::Coop => {
+            let s = match step.ctx.coop {
+                Some(c) if matmul::coop_available(step) && w.dtype.is_half() => c.m,
+                _ => {
+                    return Err(shape_err(
+                        "moe gemm",
+                        "cooperative-matrix path unavailable for this device or dtype",
+                    ))
+                }
+            };
+            if r.tile > 8 * s as usize {
+                return Err(shape_err(
+                    "moe gemm",
+                    format!(
+                        "tiles of {} rows exceed the {}-row matrix tile",
+                        r.tile,
+                        8 * s
+                    ),
+                ));
+            }
+            (
+                coop_kernel(s, w.dtype, act, gather),
+                rows_per_expert.div_ceil(8 * s as usize),
+            )
+        }
+    };
     for c in &w.chunks {
         let params = [
             rows_per_expert as u32,

@@ -1,25 +1,18 @@
-// Cooperative-matrix GEMM (tensor cores / Apple simdgroup matrices) for prefill-sized M:
-// y[m, n_offset + n] = sum_k x[m, k] * W[n, k], f16 inputs, f32 accumulation.
+// Cooperative-matrix GEMM core (tensor cores / Apple simdgroup matrices) for prefill-sized
+// M: C[m, n] = sum_k X[m, k] * W[n, k], f16 inputs, f32 accumulation. The front file in
+// front of this one says where rows come from and where results go (gemm_coop_dense.wgsl:
+// plain row-major matrices; moe_coop.wgsl: the rows of one expert's routing tile):
+//   setup(wg) -> bool        per-workgroup state; false: nothing to do (uniform);
+//   x_load(r, k) -> vec4<f32>  X[r, k .. k + 4) of local row r (zeros past the edges);
+//   w_load(n, k) -> vec4<u32>  W[n, k .. k + 8) packed halves (zeros past the edges);
+//   emit(r, n, i)            writes result cs[i] of local row r, column n.
 // 256 invocations = 8 subgroups of 32 (the launcher checks) in a 2 x 4 grid; each subgroup
 // owns a (4 S) x (2 S) block of the (8 S) x (8 S) workgroup tile as eight S x S accumulators.
-// x (f32) and W (f16 or bf16) slices of depth BK = 32 are staged as f16 in workgroup memory,
+// X (f32) and W (f16 or bf16) slices of depth BK = 32 are staged as f16 in workgroup memory,
 // through the helpers of gemm_coop_stage_*.wgsl: as scalars (SHW = 1; Metal's simdgroup
 // loads take scalar pointers) or as vec4<f16> (SHW = 4; a quarter of the stores, and the
 // fragment stride counts vectors), chosen by the launcher.
-// Needs K % 8 == 0 (128-bit loads); M and N edges are bounds-checked.
-// Prelude: S (8 or 16), W_DTYPE, and aliases CA, CB, CC for the coop_mat types.
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    n_offset: u32,
-    ldy: u32,
-}
-var<immediate> p: Params;
-
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// Needs K % 8 == 0 (128-bit loads). Prelude: S (8 or 16), W_DTYPE, aliases CA, CB, CC.
 
 const BM: u32 = 8u * S;
 const BN: u32 = 8u * S;
@@ -38,41 +31,24 @@ fn store_tile(acc: CC, sg: u32, lane: u32, sg_size: u32, m_base: u32, n_base: u3
     workgroupBarrier();
     for (var e = lane; e < S * S; e += sg_size) {
         let r = e / S;
-        let c = e - r * S;
-        let m = m_base + r;
-        let n = n_base + c;
-        if m < p.m && n < p.n {
-            y[m * p.ldy + p.n_offset + n] = cs[sg * S * S + e];
-        }
+        emit(m_base + r, n_base + e - r * S, sg * S * S + e);
     }
     workgroupBarrier();
 }
 
 // Global loads of one BK-deep slice of x and W into registers (zeros past the edges).
-fn load_slice(k0: u32, m0: u32, n0: u32, li: u32,
+fn load_slice(k0: u32, n0: u32, li: u32,
               xr: ptr<function, array<vec4<f32>, X_LOADS>>,
               wr: ptr<function, array<vec4<u32>, W_LOADS>>) {
     for (var j = 0u; j < X_LOADS; j++) {
         let idx = li + j * 256u;
         let r = idx / (BK / 4u);
-        let gm = m0 + r;
-        let gk = k0 + (idx - r * (BK / 4u)) * 4u;
-        var v = vec4<f32>(0.0);
-        if gm < p.m && gk < p.k {
-            v = x[(gm * p.k + gk) / 4u];
-        }
-        (*xr)[j] = v;
+        (*xr)[j] = x_load(r, k0 + (idx - r * (BK / 4u)) * 4u);
     }
     for (var j = 0u; j < W_LOADS; j++) {
         let idx = li + j * 256u;
         let r = idx / (BK / 8u);
-        let gn = n0 + r;
-        let gk = k0 + (idx - r * (BK / 8u)) * 8u;
-        var v = vec4<u32>(0u);
-        if gn < p.n && gk < p.k {
-            v = w[(gn * p.k + gk) / 8u];
-        }
-        (*wr)[j] = v;
+        (*wr)[j] = w_load(n0 + r, k0 + (idx - r * (BK / 8u)) * 8u);
     }
 }
 
@@ -80,8 +56,10 @@ fn load_slice(k0: u32, m0: u32, n0: u32, li: u32,
 fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
              @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32,
              @builtin(subgroup_size) sg_size: u32) {
+    if !setup(wg) {
+        return;
+    }
     let n0 = wg.x * BN;
-    let m0 = wg.y * BM;
     let wm = (sg / 4u) * 4u * S;
     let wn = (sg % 4u) * 2u * S;
     var c00 = CC();
@@ -95,7 +73,7 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var xr: array<vec4<f32>, X_LOADS>;
     var wr: array<vec4<u32>, W_LOADS>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_slice(k0, m0, n0, li, &xr, &wr);
+        load_slice(k0, n0, li, &xr, &wr);
         for (var j = 0u; j < X_LOADS; j++) {
             let idx = li + j * 256u;
             let r = idx / (BK / 4u);
@@ -125,7 +103,7 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         }
         workgroupBarrier();
     }
-    let mb = m0 + wm;
+    let mb = wm;
     let nb = n0 + wn;
     store_tile(c00, sg, lane, sg_size, mb, nb);
     store_tile(c01, sg, lane, sg_size, mb, nb + S);

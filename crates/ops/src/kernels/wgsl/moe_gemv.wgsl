@@ -7,6 +7,7 @@
 // ACT = 1: weight rows interleave gate and up (row 2f = gate f, 2f + 1 = up f) and the
 // output is silu(gate) * up, n / 2 columns; 0: plain output, n columns.
 // Weights: this dispatch's chunk holds experts [e0, e0 + e_count), n rows each.
+// Weights f32 (W_DTYPE 0, K % 4 == 0) or f16 / bf16 (K % 8 == 0).
 // Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER.
 struct Params {
     n: u32,
@@ -59,15 +60,29 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         for (var j = 0u; j < ACC; j++) {
             acc[j] = 0.0;
         }
-        for (var i = lt; i < kv; i += TPR) {
-            for (var r = 0u; r < RPT; r++) {
-                let row = wbase + min(row0 + r, p.n - 1u);
-                let wv = w[row * kv + i];
-                let a = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
-                let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
-                for (var m = 0u; m < MT; m++) {
-                    if m < count {
-                        acc[m * RPT + r] += dot(a, x[xrow[m] + 2u * i]) + dot(b, x[xrow[m] + 2u * i + 1u]);
+        if W_DTYPE == 0u {
+            for (var i = lt; i < kx; i += TPR) {
+                for (var r = 0u; r < RPT; r++) {
+                    let row = wbase + min(row0 + r, p.n - 1u);
+                    let wf = bitcast<vec4<f32>>(w[row * kx + i]);
+                    for (var m = 0u; m < MT; m++) {
+                        if m < count {
+                            acc[m * RPT + r] += dot(wf, x[xrow[m] + i]);
+                        }
+                    }
+                }
+            }
+        } else {
+            for (var i = lt; i < kv; i += TPR) {
+                for (var r = 0u; r < RPT; r++) {
+                    let row = wbase + min(row0 + r, p.n - 1u);
+                    let wv = w[row * kv + i];
+                    let a = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
+                    let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
+                    for (var m = 0u; m < MT; m++) {
+                        if m < count {
+                            acc[m * RPT + r] += dot(a, x[xrow[m] + 2u * i]) + dot(b, x[xrow[m] + 2u * i + 1u]);
+                        }
                     }
                 }
             }

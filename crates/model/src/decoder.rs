@@ -1,11 +1,14 @@
-//! Decoder-only dense transformers (Llama, Qwen3) as a plain forward over the ops layer:
-//! embedding, then per layer RMSNorm -> fused QKV GEMM -> RoPE (+ Qwen3's q/k norm) ->
-//! KV write + paged attention -> o_proj -> residual add + RMSNorm -> fused gate/up GEMM ->
-//! SiLU-mul -> down, then the final norm and the lm_head on the rows that need logits.
+//! Decoder-only transformers (Llama, Qwen2, Qwen3, Qwen3-MoE) as a plain forward over the
+//! ops layer: embedding, then per layer RMSNorm -> fused QKV GEMM -> RoPE (+ Qwen3's q/k
+//! norm) -> KV write + paged attention -> o_proj -> residual add + RMSNorm -> the MLP, then
+//! the final norm and the lm_head on the rows that need logits. The MLP is dense (fused
+//! gate/up GEMM -> SiLU-mul -> down) or a mixture of experts (router -> GPU routing ->
+//! grouped expert GEMMs -> weighted combine), chosen per layer from the config.
 
 use vllm_apple_ops::kernels::attention::{
     self, AttentionOptions, AttnInputs, AttnMetadata, AttnShape,
 };
+use vllm_apple_ops::kernels::moe::{self, ExpertWeights, MoeScratch, MoeShape};
 use vllm_apple_ops::kernels::rope::{self, RopeShape};
 use vllm_apple_ops::kernels::{activation, bias, embedding, matmul, rmsnorm};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
@@ -34,19 +37,51 @@ pub enum ModelError {
     },
 }
 
+enum Mlp {
+    /// `gate_up` stacks the gate rows over the up rows.
+    Dense { gate_up: Weight, down: Weight },
+    Moe {
+        router: Weight,
+        experts: ExpertWeights,
+        shape: MoeShape,
+    },
+}
+
+impl Mlp {
+    fn nbytes(&self) -> u64 {
+        match self {
+            Mlp::Dense { gate_up, down } => gate_up.nbytes() + down.nbytes(),
+            Mlp::Moe {
+                router, experts, ..
+            } => router.nbytes() + experts.nbytes(),
+        }
+    }
+
+    /// Bytes one token reads: the whole dense MLP, or the router and its k experts.
+    fn active_bytes(&self) -> u64 {
+        match self {
+            Mlp::Dense { .. } => self.nbytes(),
+            Mlp::Moe {
+                router,
+                experts,
+                shape,
+            } => router.nbytes() + experts.nbytes() / experts.experts as u64 * shape.top_k as u64,
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
     qkv: Weight,
     o: Weight,
     ffn_norm: Tensor,
-    gate_up: Weight,
-    down: Weight,
+    mlp: Mlp,
     qk_norm: Option<(Tensor, Tensor)>,
     /// Qwen2: bias of the fused QKV projection.
     qkv_bias: Option<Tensor>,
 }
 
-pub struct DenseModel {
+pub struct DecoderModel {
     pub cfg: ModelConfig,
     pub dtype: DType,
     embed: Weight,
@@ -107,6 +142,7 @@ fn gguf_name(hf: &str) -> String {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate.weight" => "ffn_gate_inp.weight",
         other => other,
     };
     format!("blk.{layer}.{part}")
@@ -156,6 +192,67 @@ impl Loader<'_> {
         }
     }
 
+    /// The experts' `proj` (`gate_proj`, `up_proj` or `down_proj`) of layer `layer` as one
+    /// `[experts, n, k]` stack: llama.cpp's `ffn_{gate,up,down}_exps`, Hugging Face's
+    /// per-expert tensors, or transformers 5's fused `experts.gate_up_proj` / `down_proj`.
+    fn expert_stack(
+        &self,
+        layer: usize,
+        proj: &str,
+        experts: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        match self.src {
+            Source::Gguf(file) => {
+                let short = proj.trim_end_matches("_proj");
+                let g = format!("blk.{layer}.ffn_{short}_exps.weight");
+                let (info, _) = file.tensor_data(&g)?;
+                let want = vec![k as u64, n as u64, experts as u64];
+                if info.dims != want {
+                    return Err(ModelError::Shape {
+                        name: g,
+                        got: info.dims.iter().rev().copied().collect(),
+                        want: want.into_iter().rev().collect(),
+                    });
+                }
+                Ok(file.tensor_f32(&g)?)
+            }
+            Source::Hf(dir) => {
+                let prefix = format!("model.layers.{layer}.mlp.experts");
+                let fused = match proj {
+                    "down_proj" => Some((format!("{prefix}.down_proj"), 0)),
+                    "gate_proj" => Some((format!("{prefix}.gate_up_proj"), 0)),
+                    _ => Some((format!("{prefix}.gate_up_proj"), 1)),
+                };
+                if let Some((name, half)) = fused.filter(|(name, _)| dir.contains(name)) {
+                    let rows = if proj == "down_proj" { n } else { 2 * n };
+                    let (shape, v) = dir.f32(&name)?;
+                    if shape != [experts, rows, k] {
+                        return Err(ModelError::Shape {
+                            name,
+                            got: shape.iter().map(|&x| x as u64).collect(),
+                            want: vec![experts as u64, rows as u64, k as u64],
+                        });
+                    }
+                    if proj == "down_proj" {
+                        return Ok(v);
+                    }
+                    // gate rows first, then up rows, per expert.
+                    return Ok(v
+                        .chunks(2 * n * k)
+                        .flat_map(|e| e[half * n * k..(half + 1) * n * k].iter().copied())
+                        .collect());
+                }
+                let mut out = Vec::with_capacity(experts * n * k);
+                for e in 0..experts {
+                    out.extend(self.f32(&format!("{prefix}.{e}.{proj}.weight"), n, k)?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     fn has(&self, name: &str) -> bool {
         match self.src {
             Source::Gguf(f) => f.gguf.tensor(&gguf_name(name)).is_some(),
@@ -182,13 +279,13 @@ impl Loader<'_> {
     }
 }
 
-impl DenseModel {
+impl DecoderModel {
     /// Loads a GGUF model, dequantizing every tensor to `dtype` (f16, bf16 or f32).
     pub fn from_gguf(
         ctx: &GpuContext,
         file: &GgufFile,
         dtype: DType,
-    ) -> Result<DenseModel, ModelError> {
+    ) -> Result<DecoderModel, ModelError> {
         let cfg = ModelConfig::from_gguf(&file.gguf)?;
         // llama.cpp's converter interleaves the rotary halves of llama q/k heads.
         let permuted = cfg.arch == Arch::Llama;
@@ -208,7 +305,7 @@ impl DenseModel {
         ctx: &GpuContext,
         dir: &SafetensorsDir,
         dtype: DType,
-    ) -> Result<DenseModel, ModelError> {
+    ) -> Result<DecoderModel, ModelError> {
         let path = dir.dir().join("config.json");
         let json = std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
             key: path.display().to_string(),
@@ -226,7 +323,7 @@ impl DenseModel {
         )
     }
 
-    fn load(l: Loader, cfg: ModelConfig, permuted: bool) -> Result<DenseModel, ModelError> {
+    fn load(l: Loader, cfg: ModelConfig, permuted: bool) -> Result<DecoderModel, ModelError> {
         let ctx = l.ctx;
         let (h, d, hq, hkv, f) = (cfg.hidden, cfg.head_dim, cfg.q_heads, cfg.kv_heads, cfg.ffn);
         // A progress bar on terminals (indicatif hides it elsewhere): one tick per layer.
@@ -255,8 +352,66 @@ impl DenseModel {
             }
             let v = l.f32(&p("self_attn.v_proj.weight"), hkv * d, h)?;
             let qkv: Vec<f32> = q.into_iter().chain(k).chain(v).collect();
-            let gate = l.f32(&p("mlp.gate_proj.weight"), f, h)?;
-            let up = l.f32(&p("mlp.up_proj.weight"), f, h)?;
+            let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(i)) {
+                Some(m) => {
+                    let (e, mf) = (m.experts, m.ffn);
+                    let gate = l.expert_stack(i, "gate_proj", e, mf, h)?;
+                    let up = l.expert_stack(i, "up_proj", e, mf, h)?;
+                    let gate_up = ExpertWeights::interleave_gate_up(&gate, &up, e, mf, h);
+                    drop((gate, up));
+                    let down = l.expert_stack(i, "down_proj", e, h, mf)?;
+                    let stack = |label: &str, rows: usize, k: usize, v: &[f32]| {
+                        Weight::upload_grouped(
+                            ctx,
+                            label,
+                            e * rows,
+                            k,
+                            l.dtype,
+                            &l.dtype.encode_f32(v),
+                            rows,
+                            u64::MAX,
+                        )
+                    };
+                    Mlp::Moe {
+                        router: l.weight(
+                            &p("router"),
+                            e,
+                            h,
+                            l.f32(&p("mlp.gate.weight"), e, h)?,
+                        )?,
+                        experts: ExpertWeights::new(
+                            e,
+                            h,
+                            mf,
+                            stack(&p("experts.gate_up"), 2 * mf, h, &gate_up)?,
+                            stack(&p("experts.down"), h, mf, &down)?,
+                        )?,
+                        shape: MoeShape {
+                            experts: e,
+                            top_k: m.top_k,
+                            norm_topk: m.norm_topk,
+                        },
+                    }
+                }
+                None => {
+                    let gate = l.f32(&p("mlp.gate_proj.weight"), f, h)?;
+                    let up = l.f32(&p("mlp.up_proj.weight"), f, h)?;
+                    Mlp::Dense {
+                        gate_up: l.weight(
+                            &p("gate_up"),
+                            2 * f,
+                            h,
+                            gate.into_iter().chain(up).collect(),
+                        )?,
+                        down: l.weight(
+                            &p("down_proj"),
+                            h,
+                            f,
+                            l.f32(&p("mlp.down_proj.weight"), h, f)?,
+                        )?,
+                    }
+                }
+            };
             let qk_norm = if cfg.qk_norm {
                 Some((
                     l.norm(&p("self_attn.q_norm.weight"), d)?,
@@ -284,18 +439,7 @@ impl DenseModel {
                     l.f32(&p("self_attn.o_proj.weight"), h, hq * d)?,
                 )?,
                 ffn_norm: l.norm(&p("post_attention_layernorm.weight"), h)?,
-                gate_up: l.weight(
-                    &p("gate_up"),
-                    2 * f,
-                    h,
-                    gate.into_iter().chain(up).collect(),
-                )?,
-                down: l.weight(
-                    &p("down_proj"),
-                    h,
-                    f,
-                    l.f32(&p("mlp.down_proj.weight"), h, f)?,
-                )?,
+                mlp,
                 qk_norm,
             });
         }
@@ -326,7 +470,7 @@ impl DenseModel {
                 inv = base.iter().zip(&factors).map(|(f, s)| f / s).collect();
             }
         }
-        Ok(DenseModel {
+        Ok(DecoderModel {
             final_norm: l.norm("model.norm.weight", h)?,
             inv_freq: ctx.upload_f32(&[d / 2], DType::F32, &inv)?,
             embed,
@@ -344,24 +488,45 @@ impl DenseModel {
         cfg: ModelConfig,
         dtype: DType,
         seed: u32,
-    ) -> Result<DenseModel, ModelError> {
+    ) -> Result<DecoderModel, ModelError> {
         let (h, d, hq, hkv, f) = (cfg.hidden, cfg.head_dim, cfg.q_heads, cfg.kv_heads, cfg.ffn);
         let mut next = seed;
-        let mut w = |label: &str, n: usize, k: usize| {
+        // `align`: rows per chunk boundary (64 for plain matrices, one expert for stacks).
+        let mut w = |label: &str, n: usize, k: usize, align: usize| {
             next = next.wrapping_add(0x9e37_79b9);
-            Weight::random(ctx, label, n, k, dtype, 1.0 / (k as f32).sqrt(), next)
+            let scale = 1.0 / (k as f32).sqrt();
+            Weight::random_grouped(ctx, label, n, k, dtype, scale, next, align)
         };
         let ones = |k: usize| ctx.upload_f32(&[k], DType::F32, &vec![1.0; k]);
-        let embed = w("token_embd", cfg.vocab, h)?;
+        let embed = w("token_embd", cfg.vocab, h, 64)?;
         let mut layers = Vec::with_capacity(cfg.layers);
-        for _ in 0..cfg.layers {
+        for i in 0..cfg.layers {
+            let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(i)) {
+                Some(m) => {
+                    let (e, mf) = (m.experts, m.ffn);
+                    let gate_up = w("ffn_gate_up_exps", e * 2 * mf, h, 2 * mf)?;
+                    let down = w("ffn_down_exps", e * h, mf, h)?;
+                    Mlp::Moe {
+                        router: w("ffn_gate_inp", e, h, 64)?,
+                        experts: ExpertWeights::new(e, h, mf, gate_up, down)?,
+                        shape: MoeShape {
+                            experts: e,
+                            top_k: m.top_k,
+                            norm_topk: m.norm_topk,
+                        },
+                    }
+                }
+                None => Mlp::Dense {
+                    gate_up: w("gate_up", 2 * f, h, 64)?,
+                    down: w("ffn_down", h, f, 64)?,
+                },
+            };
             layers.push(Layer {
                 attn_norm: ones(h)?,
-                qkv: w("qkv", (hq + 2 * hkv) * d, h)?,
-                o: w("attn_output", h, hq * d)?,
+                qkv: w("qkv", (hq + 2 * hkv) * d, h, 64)?,
+                o: w("attn_output", h, hq * d, 64)?,
                 ffn_norm: ones(h)?,
-                gate_up: w("gate_up", 2 * f, h)?,
-                down: w("ffn_down", h, f)?,
+                mlp,
                 qk_norm: if cfg.qk_norm {
                     Some((ones(d)?, ones(d)?))
                 } else {
@@ -379,11 +544,11 @@ impl DenseModel {
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(w("output", cfg.vocab, h)?)
+            Some(w("output", cfg.vocab, h, 64)?)
         };
         let inv = rope::inv_freq(d, cfg.rope_theta, cfg.rope_scaling);
         ctx.wait_idle()?;
-        Ok(DenseModel {
+        Ok(DecoderModel {
             final_norm: ones(h)?,
             inv_freq: ctx.upload_f32(&[d / 2], DType::F32, &inv)?,
             embed,
@@ -407,9 +572,38 @@ impl DenseModel {
     pub fn weight_bytes(&self) -> u64 {
         let mut b = self.embed.nbytes() + self.lm_head.as_ref().map_or(0, |w| w.nbytes());
         for l in &self.layers {
-            b += l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes();
+            b += l.qkv.nbytes() + l.o.nbytes() + l.mlp.nbytes();
         }
         b
+    }
+
+    /// Weight bytes one decode step of one sequence must read: every layer's attention
+    /// weights, dense MLPs whole, a MoE layer's router and `top_k` experts, the lm_head and
+    /// one embedding row (the roofline's numerator).
+    pub fn active_weight_bytes_per_token(&self) -> u64 {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).nbytes();
+        let row = (self.cfg.hidden * self.dtype.size()) as u64;
+        let mut b = head + row;
+        for l in &self.layers {
+            b += l.qkv.nbytes() + l.o.nbytes() + l.mlp.active_bytes();
+        }
+        b
+    }
+
+    /// Dispatches one MoE layer records (router GEMM to combine) for a batch of `tokens`.
+    pub fn moe_layer_dispatches(&self) -> Option<usize> {
+        self.layers.iter().find_map(|l| match &l.mlp {
+            Mlp::Moe {
+                router, experts, ..
+            } => Some(
+                router.chunks.len()
+                    + 1
+                    + experts.gate_up.chunks.len()
+                    + experts.down.chunks.len()
+                    + 1,
+            ),
+            Mlp::Dense { .. } => None,
+        })
     }
 
     /// Records the forward pass of a batch: `ids` `[tokens]` (u32), laid out as `meta`;
@@ -434,8 +628,31 @@ impl DenseModel {
         let qkv = ctx.empty(&[t, (hq + 2 * hkv) * d], DType::F32)?;
         let attn = ctx.empty(&[t, hq * d], DType::F32)?;
         let proj = ctx.empty(&[t, h], DType::F32)?;
-        let gate_up = ctx.empty(&[t, 2 * c.ffn], DType::F32)?;
-        let act = ctx.empty(&[t, c.ffn], DType::F32)?;
+        // Dense-MLP and MoE scratch, allocated only for the kinds of layers present.
+        let dense = (0..c.layers).any(|i| !c.is_moe_layer(i));
+        let gate_up = match dense {
+            true => Some(ctx.empty(&[t, 2 * c.ffn], DType::F32)?),
+            false => None,
+        };
+        let act = match dense {
+            true => Some(ctx.empty(&[t, c.ffn], DType::F32)?),
+            false => None,
+        };
+        let moe_scratch = match (&c.moe, (0..c.layers).any(|i| c.is_moe_layer(i))) {
+            (Some(m), true) => Some(MoeScratch::new(
+                ctx,
+                t,
+                &MoeShape {
+                    experts: m.experts,
+                    top_k: m.top_k,
+                    norm_topk: m.norm_topk,
+                },
+                h,
+                m.ffn,
+                None,
+            )?),
+            _ => None,
+        };
         let shape = AttnShape {
             q_heads: hq,
             kv_heads: hkv,
@@ -479,9 +696,28 @@ impl DenseModel {
             attention::attention(step, opts, &inputs, &attn)?;
             matmul::matmul(step, &attn, &layer.o, &proj)?;
             rmsnorm::add_rmsnorm(step, &proj, &residual, &layer.ffn_norm, c.rms_eps, &normed)?;
-            matmul::matmul(step, &normed, &layer.gate_up, &gate_up)?;
-            activation::silu_mul(step, &gate_up, &act)?;
-            matmul::matmul(step, &act, &layer.down, &proj)?;
+            match (&layer.mlp, &gate_up, &act, &moe_scratch) {
+                (Mlp::Dense { gate_up: w1, down }, Some(gu), Some(a), _) => {
+                    matmul::matmul(step, &normed, w1, gu)?;
+                    activation::silu_mul(step, gu, a)?;
+                    matmul::matmul(step, a, down, &proj)?;
+                }
+                (
+                    Mlp::Moe {
+                        router,
+                        experts,
+                        shape,
+                    },
+                    _,
+                    _,
+                    Some(s),
+                ) => moe::moe_with(step, &normed, router, experts, shape, s, &proj)?,
+                _ => {
+                    return Err(ModelError::Ops(OpsError::Gpu(
+                        "MLP scratch missing for a layer kind (config and weights disagree)".into(),
+                    )))
+                }
+            }
             let next_norm = self
                 .layers
                 .get(i + 1)

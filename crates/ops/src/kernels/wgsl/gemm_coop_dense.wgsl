@@ -1,0 +1,41 @@
+// Front of gemm_coop.wgsl for plain matrices: y[m, n_offset + n] = sum_k x[m, k] W[n, k],
+// workgroup (x, y) = (column tile, row tile); M and N edges bounds-checked.
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    n_offset: u32,
+    ldy: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+var<private> m0: u32;
+
+fn setup(wg: vec3<u32>) -> bool {
+    m0 = wg.y * 8u * S;
+    return true;
+}
+
+fn x_load(r: u32, k: u32) -> vec4<f32> {
+    if m0 + r < p.m && k < p.k {
+        return x[((m0 + r) * p.k + k) / 4u];
+    }
+    return vec4<f32>(0.0);
+}
+
+fn w_load(n: u32, k: u32) -> vec4<u32> {
+    if n < p.n && k < p.k {
+        return w[(n * p.k + k) / 8u];
+    }
+    return vec4<u32>(0u);
+}
+
+fn emit(r: u32, n: u32, i: u32) {
+    if m0 + r < p.m && n < p.n {
+        y[(m0 + r) * p.ldy + p.n_offset + n] = cs[i];
+    }
+}

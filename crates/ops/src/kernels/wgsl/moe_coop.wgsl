@@ -1,0 +1,65 @@
+// Front of gemm_coop.wgsl for the experts of a MoE layer (see moe_gemv.wgsl for the
+// routing tiles, GATHER and ACT): workgroup (x, y) = (column tile, routing tile); the rows
+// are the tile's, the weights its expert's. Tiles hold at most 8 S rows.
+struct Params {
+    n: u32,
+    k: u32,
+    e0: u32,
+    e_count: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> tiles: array<u32>;
+@group(0) @binding(4) var<storage, read> sorted: array<u32>;
+
+var<private> first: u32;
+var<private> rows: u32;
+var<private> wbase: u32;
+
+fn setup(wg: vec3<u32>) -> bool {
+    let tile = wg.y;
+    if tile >= tiles[0] || wg.x * 8u * S >= p.n {
+        return false;
+    }
+    let e = tiles[1u + 3u * tile];
+    if e < p.e0 || e >= p.e0 + p.e_count {
+        return false;
+    }
+    first = tiles[2u + 3u * tile];
+    rows = tiles[3u + 3u * tile] - first;
+    wbase = (e - p.e0) * p.n;
+    return true;
+}
+
+fn x_load(r: u32, k: u32) -> vec4<f32> {
+    if r < rows && k < p.k {
+        let row = select(first + r, sorted[first + r], GATHER == 1u);
+        return x[(row * p.k + k) / 4u];
+    }
+    return vec4<f32>(0.0);
+}
+
+fn w_load(n: u32, k: u32) -> vec4<u32> {
+    if n < p.n && k < p.k {
+        return w[((wbase + n) * p.k + k) / 8u];
+    }
+    return vec4<u32>(0u);
+}
+
+fn emit(r: u32, n: u32, i: u32) {
+    if r >= rows || n >= p.n {
+        return;
+    }
+    if ACT == 1u {
+        // Gate and up columns are adjacent (even, odd) in the same fragment row.
+        if (n & 1u) == 0u {
+            let g = cs[i];
+            y[(first + r) * (p.n / 2u) + n / 2u] = g / (1.0 + exp(-g)) * cs[i + 1u];
+        }
+    } else {
+        y[(first + r) * p.n + n] = cs[i];
+    }
+}
