@@ -649,6 +649,7 @@ impl DecoderModel {
                 },
                 h,
                 m.ffn,
+                self.dtype,
                 None,
             )?),
             _ => None,

@@ -169,3 +169,45 @@ pub fn generate(
         decode_record_seconds: record,
     })
 }
+
+/// GPU time of every dispatch of one decode step after a prefill of `context` tokens:
+/// (kernel label, seconds), in recording order (for `bench decode --profile`).
+pub fn profile_decode_step(
+    ctx: &GpuContext,
+    model: &DecoderModel,
+    context: usize,
+    opts: &AttentionOptions,
+) -> Result<Vec<(String, f64)>, ModelError> {
+    let context = context.max(1);
+    let blocks = (context + 1).div_ceil(BLOCK_SIZE);
+    let kv = KvCache::new(ctx, model.kv_spec(BLOCK_SIZE), blocks)?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let prompt: Vec<u32> = (0..context)
+        .map(|i| ((i * 7919 + 13) % model.cfg.vocab) as u32)
+        .collect();
+    let mut record = 0.0;
+    let next = one_step(
+        ctx,
+        model,
+        &kv,
+        &table,
+        &prompt,
+        0,
+        opts,
+        &mut None,
+        &mut record,
+    )?;
+    let seq = SeqSlice {
+        block_table: &table,
+        num_cached: context,
+        num_new: 1,
+    };
+    let meta = HostMetadata::build(&[seq], BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
+    let ids = ctx.upload_u32(&[1], &[next])?;
+    let last = ctx.upload_u32(&[1], &[0])?;
+    let out = ctx.empty(&[1], DType::U32)?;
+    let mut step = Step::profiled(ctx, 4095)?;
+    let logits = model.forward(&mut step, &ids, &meta, &kv, &last, opts)?;
+    argmax::argmax(&mut step, &logits, &out)?;
+    Ok(step.finish_profile()?)
+}

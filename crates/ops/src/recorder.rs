@@ -17,6 +17,28 @@ pub struct Step<'c> {
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
     keep: Vec<Tensor>,
+    profile: Option<Profile>,
+}
+
+/// Per-dispatch GPU timestamps of a profiled step.
+struct Profile {
+    queries: wgpu::QuerySet,
+    /// One label per timestamp; the first marks the start.
+    labels: Vec<String>,
+    capacity: u32,
+}
+
+/// A short label of a kernel variant: entry point and prelude constants.
+fn profile_label(k: &Kernel) -> String {
+    let mut s = k.entry.to_string();
+    for (n, v) in &k.consts {
+        let v = match v {
+            crate::pipeline::ConstVal::U32(x) => x.to_string(),
+            crate::pipeline::ConstVal::Bool(b) => b.to_string(),
+        };
+        s.push_str(&format!(" {n}={v}"));
+    }
+    s
 }
 
 /// Splits a 1-D workgroup count over x and y when it exceeds the per-dimension limit;
@@ -44,7 +66,56 @@ impl<'c> Step<'c> {
             pass: None,
             dispatches: 0,
             keep: Vec::new(),
+            profile: None,
         }
+    }
+
+    /// A step that writes a GPU timestamp after each of its first `capacity` dispatches, for
+    /// per-kernel profiles (`finish_profile`); needs TIMESTAMP_QUERY_INSIDE_PASSES.
+    pub fn profiled(ctx: &'c GpuContext, capacity: u32) -> Result<Self> {
+        if !ctx
+            .features
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+        {
+            return Err(OpsError::Config(
+                "this adapter cannot write timestamps inside compute passes".into(),
+            ));
+        }
+        // wgpu's limit on one query set.
+        let capacity = capacity.min(4095);
+        let mut step = Step::new(ctx);
+        let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: capacity + 1,
+        });
+        step.pass()?.write_timestamp(&queries, 0);
+        step.profile = Some(Profile {
+            queries,
+            labels: vec!["start".into()],
+            capacity,
+        });
+        Ok(step)
+    }
+
+    /// Submits a profiled step, waits, and returns each dispatch's label and GPU seconds
+    /// (from the previous timestamp to its own, so barriers count to the later dispatch).
+    pub fn finish_profile(mut self) -> Result<Vec<(String, f64)>> {
+        let ctx = self.ctx;
+        let p = self
+            .profile
+            .take()
+            .ok_or_else(|| OpsError::Config("step is not profiled".into()))?;
+        let n = p.labels.len() as u32;
+        self.pass = None;
+        let ticks = read_timestamps(ctx, &mut self, &p.queries, n)?;
+        let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
+        Ok(p.labels
+            .into_iter()
+            .skip(1)
+            .zip(ticks.windows(2))
+            .map(|(l, w)| (l, w[1].saturating_sub(w[0]) as f64 * period))
+            .collect())
     }
 
     /// Dispatches recorded so far.
@@ -162,6 +233,12 @@ impl<'c> Step<'c> {
             pass.set_immediates(0, bytemuck::cast_slice(params));
         }
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if let (Some(pass), Some(p)) = (self.pass.as_mut(), self.profile.as_mut()) {
+            if (p.labels.len() as u32) <= p.capacity {
+                pass.write_timestamp(&p.queries, p.labels.len() as u32);
+                p.labels.push(profile_label(kernel));
+            }
+        }
         self.dispatches += 1;
         self.keep.extend(bindings.iter().map(|(_, t)| (*t).clone()));
         Ok(())
@@ -234,4 +311,48 @@ impl<'c> Step<'c> {
         self.submit()?;
         ctx.wait_idle()
     }
+}
+
+/// Resolves `n` timestamps of `queries` at the end of `step`, submits it, waits, and returns
+/// the raw ticks (multiply by the queue's timestamp period for nanoseconds).
+pub fn read_timestamps(
+    ctx: &GpuContext,
+    step: &mut Step,
+    queries: &wgpu::QuerySet,
+    n: u32,
+) -> Result<Vec<u64>> {
+    let bytes = 8 * n as u64;
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("timestamps-resolve"),
+        size: bytes,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("timestamps-read"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let enc = step.raw_encoder()?;
+    enc.resolve_query_set(queries, 0..n, &resolve, 0);
+    enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+    step.sync()?;
+    let slice = read.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    rx.recv()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .map_err(|e| OpsError::Gpu(e.to_string()))?;
+    let ticks = slice
+        .get_mapped_range()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    read.unmap();
+    Ok(ticks)
 }

@@ -10,7 +10,7 @@ use clap::Args as ClapArgs;
 use vllm_apple_model::config::ModelConfig;
 use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::gguf::GgufFile;
-use vllm_apple_model::runner::{generate, Sampling};
+use vllm_apple_model::runner::{generate, profile_decode_step, Sampling};
 use vllm_apple_ops::kernels::attention::AttentionOptions;
 use vllm_apple_ops::{ContextOptions, DType, GpuContext};
 
@@ -33,6 +33,10 @@ pub struct Args {
     /// Generated tokens.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// Also time every dispatch of one decode step with GPU timestamps and print the
+    /// kernels by total time.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
@@ -114,5 +118,43 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         1e3 * out.decode_record_seconds / steps,
         1e3 * (out.decode_seconds - out.decode_record_seconds) / steps
     );
+    if args.profile {
+        print_profile(&profile_decode_step(&ctx, &model, args.prompt, &attn)?);
+    }
     Ok(())
+}
+
+/// Kernels of one decode step by total GPU time (a dispatch's time runs from the previous
+/// timestamp, so barriers and launch gaps count too).
+fn print_profile(times: &[(String, f64)]) {
+    let total: f64 = times.iter().map(|(_, t)| t).sum();
+    let mut by: Vec<(String, usize, f64)> = Vec::new();
+    for (label, t) in times {
+        match by.iter_mut().find(|(l, _, _)| l == label) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += t;
+            }
+            None => by.push((label.clone(), 1, *t)),
+        }
+    }
+    by.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!(
+        "profile of one decode step: {} dispatches, {:.2} ms of GPU time",
+        times.len(),
+        total * 1e3
+    );
+    println!(
+        "{:>9} {:>6} {:>7} {:>6}  kernel",
+        "ms", "%", "count", "us/call"
+    );
+    for (label, n, t) in by {
+        println!(
+            "{:>9.3} {:>6.1} {:>7} {:>6.1}  {label}",
+            t * 1e3,
+            100.0 * t / total,
+            n,
+            t * 1e6 / n as f64
+        );
+    }
 }

@@ -2,8 +2,9 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use vllm_apple_ops::kernels::copy;
+use vllm_apple_ops::recorder::read_timestamps;
 use vllm_apple_ops::{DType, GpuContext, Step};
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -48,18 +49,6 @@ pub fn time_reps(
         ty: wgpu::QueryType::Timestamp,
         count: n,
     });
-    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench-resolve"),
-        size: 8 * n as u64,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench-read"),
-        size: 8 * n as u64,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
     let mut step = Step::new(ctx);
     for round in 0..rounds {
         step.begin_timed_pass(&qs, 2 * round as u32)?;
@@ -68,31 +57,13 @@ pub fn time_reps(
         }
     }
     step.end_pass();
-    let enc = step.raw_encoder()?;
-    enc.resolve_query_set(&qs, 0..n, &resolve, 0);
-    enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n as u64);
-    step.submit_and_wait()?;
-    let slice = read.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait_idle()?;
-    rx.recv()??;
-    let ticks: Vec<u64> = bytemuck_u64(&slice.get_mapped_range().map_err(|e| anyhow!("{e}"))?);
-    read.unmap();
+    let ticks = read_timestamps(ctx, &mut step, &qs, n)?;
     let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
     let times: Vec<f64> = ticks
         .chunks_exact(2)
         .map(|p| p[1].saturating_sub(p[0]) as f64 * period / reps as f64)
         .collect();
     Ok(median(times))
-}
-
-fn bytemuck_u64(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect()
 }
 
 /// Device-to-device copy bandwidth (bytes read + written per second), the roofline the

@@ -186,9 +186,16 @@ pub struct GroupedConfig {
 impl GroupedConfig {
     /// GEMV with one register batch when tokens rarely share an expert (decode), four with
     /// longer tiles as groups grow, and cooperative matrices once experts average 32 rows.
-    pub fn auto(ctx: &GpuContext, tokens: usize, shape: &MoeShape) -> GroupedConfig {
+    pub fn auto(
+        ctx: &GpuContext,
+        tokens: usize,
+        shape: &MoeShape,
+        weights: DType,
+    ) -> GroupedConfig {
         let pairs = tokens * shape.top_k;
-        let coop = ctx.coop.filter(|_| ctx.subgroup_is(32));
+        let coop = ctx
+            .coop
+            .filter(|_| ctx.subgroup_is(32) && weights.is_half());
         match coop {
             Some(c) if pairs >= 32 * shape.experts => GroupedConfig {
                 path: GroupedPath::Coop,
@@ -358,9 +365,10 @@ impl MoeScratch {
         shape: &MoeShape,
         hidden: usize,
         ffn: usize,
+        weights: DType,
         cfg: Option<GroupedConfig>,
     ) -> Result<MoeScratch> {
-        let cfg = cfg.unwrap_or_else(|| GroupedConfig::auto(ctx, tokens, shape));
+        let cfg = cfg.unwrap_or_else(|| GroupedConfig::auto(ctx, tokens, shape, weights));
         let pairs = tokens * shape.top_k;
         Ok(MoeScratch {
             cfg,
@@ -463,7 +471,15 @@ pub fn moe(
     y: &Tensor,
 ) -> Result<()> {
     let t = x.numel() / experts.hidden.max(1);
-    let scratch = MoeScratch::new(step.ctx, t, shape, experts.hidden, experts.ffn, None)?;
+    let scratch = MoeScratch::new(
+        step.ctx,
+        t,
+        shape,
+        experts.hidden,
+        experts.ffn,
+        experts.gate_up.dtype,
+        None,
+    )?;
     moe_with(step, x, router, experts, shape, &scratch, y)
 }
 
