@@ -42,6 +42,16 @@ pub struct Generated {
     /// Host time spent building inputs and recording the decode steps (the GPU is idle then:
     /// nothing overlaps yet), out of `decode_seconds`.
     pub decode_record_seconds: f64,
+    /// Host time inside `queue.submit` of the decode steps (wgpu encodes the pass into the
+    /// backend's command buffer there), out of `decode_seconds`.
+    pub decode_submit_seconds: f64,
+}
+
+/// Host time of the steps: recording, and submitting.
+#[derive(Default)]
+struct HostTimes {
+    record: f64,
+    submit: f64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -54,7 +64,7 @@ fn one_step(
     cached: usize,
     opts: &AttentionOptions,
     sampler: &mut Option<(f32, StdRng)>,
-    record_seconds: &mut f64,
+    host: &mut HostTimes,
 ) -> Result<u32, ModelError> {
     let t0 = Instant::now();
     let seq = SeqSlice {
@@ -70,8 +80,11 @@ fn one_step(
     let logits = model.forward(&mut step, &ids, &meta, kv, &last, opts)?;
     let Some((temperature, rng)) = sampler else {
         argmax::argmax(&mut step, &logits, &out)?;
-        *record_seconds += t0.elapsed().as_secs_f64();
-        step.submit_and_wait()?;
+        host.record += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        step.submit()?;
+        host.submit += t1.elapsed().as_secs_f64();
+        ctx.wait_idle()?;
         return Ok(out.to_u32_vec(ctx)?[0]);
     };
     step.submit_and_wait()?;
@@ -129,8 +142,8 @@ pub fn generate(
     let table: Vec<u32> = (0..blocks as u32).collect();
     let t0 = Instant::now();
     let mut ids = Vec::new();
-    let mut prefill_record = 0.0;
-    let mut record = 0.0;
+    let mut prefill_host = HostTimes::default();
+    let mut host = HostTimes::default();
     let mut next = one_step(
         ctx,
         model,
@@ -140,7 +153,7 @@ pub fn generate(
         0,
         opts,
         &mut sampler,
-        &mut prefill_record,
+        &mut prefill_host,
     )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -159,14 +172,15 @@ pub fn generate(
             cached,
             opts,
             &mut sampler,
-            &mut record,
+            &mut host,
         )?;
     }
     Ok(Generated {
         ids,
         prefill_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
-        decode_record_seconds: record,
+        decode_record_seconds: host.record,
+        decode_submit_seconds: host.submit,
     })
 }
 
@@ -185,7 +199,6 @@ pub fn profile_decode_step(
     let prompt: Vec<u32> = (0..context)
         .map(|i| ((i * 7919 + 13) % model.cfg.vocab) as u32)
         .collect();
-    let mut record = 0.0;
     let next = one_step(
         ctx,
         model,
@@ -195,7 +208,7 @@ pub fn profile_decode_step(
         0,
         opts,
         &mut None,
-        &mut record,
+        &mut HostTimes::default(),
     )?;
     let seq = SeqSlice {
         block_table: &table,

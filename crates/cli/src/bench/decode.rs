@@ -114,9 +114,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     );
     let steps = (out.ids.len() - 1) as f64;
     println!(
-        "per decode step: {:.2} ms recording on the host (GPU idle), {:.2} ms submit + GPU + read-back",
+        "per decode step: {:.2} ms recording on the host, {:.2} ms in queue.submit (host), {:.2} ms GPU + read-back",
         1e3 * out.decode_record_seconds / steps,
-        1e3 * (out.decode_seconds - out.decode_record_seconds) / steps
+        1e3 * out.decode_submit_seconds / steps,
+        1e3 * (out.decode_seconds - out.decode_record_seconds - out.decode_submit_seconds) / steps
     );
     if args.profile {
         print_profile(&profile_decode_step(&ctx, &model, args.prompt, &attn)?);

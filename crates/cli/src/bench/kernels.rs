@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use vllm_apple_ops::kernels::matmul::{self, CoopConfig, GemvConfig, MatmulPath, Tuning};
-use vllm_apple_ops::kernels::{activation, argmax, rmsnorm, rope};
+use vllm_apple_ops::kernels::{activation, argmax, copy, rmsnorm, rope};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
 
 use super::timer::{copy_bandwidth, copy_kernel_bandwidth, time_reps};
@@ -33,6 +33,10 @@ pub struct Args {
     /// Time every cooperative-matrix GEMM variant on the prefill shapes (tuning).
     #[arg(long)]
     coop_sweep: bool,
+    /// Only measure the GPU cost of one tiny dispatch, independent of the previous one or
+    /// dependent on it (a barrier between), and exit.
+    #[arg(long)]
+    dispatch_overhead: bool,
 }
 
 const SWEEP: &[GemvConfig] = &[
@@ -151,6 +155,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         bail!("--reps, --prefill-m and --decode-m must be positive");
     }
     let ctx = GpuContext::new(opts)?;
+    if args.dispatch_overhead {
+        return dispatch_overhead(&ctx);
+    }
     let cpu = ctx.info.device_type == wgpu::DeviceType::Cpu;
     let copy_bytes: u64 = if cpu { 64 << 20 } else { 1 << 30 };
     let copy_bytes = copy_bytes.min(ctx.limits.max_buffer_size / 2);
@@ -405,4 +412,23 @@ fn small_row(name: &str, shape: String, t: f64, bytes: f64) -> Row {
         gbs: bytes / t / 1e9,
         tflops: None,
     }
+}
+
+/// GPU time per tiny (one-workgroup, 4 KiB) copy dispatch, back to back in one pass: on
+/// distinct buffers (no barrier needed) and as a chain a -> b -> a (a barrier each).
+fn dispatch_overhead(ctx: &GpuContext) -> Result<()> {
+    let n = 256;
+    let bufs: Vec<_> = (0..2 * n)
+        .map(|_| ctx.empty(&[1024], DType::F32))
+        .collect::<vllm_apple_ops::Result<_>>()?;
+    let independent = time_reps(ctx, n, |s, r| copy::copy(s, &bufs[2 * r], &bufs[2 * r + 1]))?;
+    let chain = time_reps(ctx, n, |s, r| copy::copy(s, &bufs[r % 2], &bufs[1 - r % 2]))?;
+    println!(
+        "device: {} ({:?})\nper tiny dispatch: {:.2} us independent, {:.2} us dependent (barrier)",
+        ctx.info.name,
+        ctx.info.backend,
+        independent * 1e6,
+        chain * 1e6
+    );
+    Ok(())
 }
