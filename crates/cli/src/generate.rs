@@ -1,16 +1,13 @@
-//! `vllm-apple generate`: prompts in, completions out, through our kernels.
+//! `vllm-apple generate`: prompts in (arguments or a file, one per line), completions out,
+//! all batched through the engine, with throughput at the end.
+
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use vllm_apple_model::config::ModelConfig;
-use vllm_apple_model::decoder::DecoderModel;
-use vllm_apple_model::gguf::GgufFile;
-use vllm_apple_model::resolve::{hub_cache, resolve, ModelLocation};
-use vllm_apple_model::runner::{generate, Sampling};
-use vllm_apple_model::safetensors_dir::SafetensorsDir;
-use vllm_apple_model::tokenizer::GgufTokenizer;
-use vllm_apple_ops::kernels::attention::AttentionOptions;
-use vllm_apple_ops::{ContextOptions, DType, GpuContext};
+use vllm_apple_engine::llm::ChatMessage;
+use vllm_apple_engine::{EngineArgs, Prompt, SamplingParams, LLM};
+use vllm_apple_ops::{ContextOptions, GpuContext};
 
 /// Where scripts/fetch-assets.sh puts the embedded default model.
 const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -27,8 +24,14 @@ pub struct Args {
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    top_k: i32,
+    /// Seed of the sampling (per request: the same seed gives the same text).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Apply the model's chat template (each prompt as one user message).
     #[arg(long)]
     chat: bool,
@@ -39,100 +42,106 @@ pub struct Args {
     /// float16 for GGUF), float16, bfloat16 or float32.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// `auto` loads the weights; `dummy` makes random ones of the model's shape on the GPU
-    /// (Hugging Face folders: config.json and the tokenizer are still read), for benchmarks.
+    /// `auto` loads the weights; `dummy` makes random ones of the model's shape on the GPU.
     #[arg(long, default_value = "auto")]
     load_format: String,
-    #[arg(required = true)]
+    /// Context length (default: the model's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    #[arg(long, default_value_t = 0.85)]
+    gpu_memory_utilization: f64,
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Turn automatic prefix caching off.
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
+    /// A file with one prompt per line (added after the prompts given as arguments).
+    #[arg(long)]
+    prompts_file: Option<String>,
     prompts: Vec<String>,
 }
 
-fn parse_dtype(d: &str) -> Result<DType> {
-    match DType::parse_float(d) {
-        Some(t) => Ok(t),
-        None => bail!("dtype {d}: expected auto, float16, bfloat16 or float32"),
-    }
-}
-
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "auto" => None,
-        d => Some(parse_dtype(d)?),
-    };
-    if !matches!(args.load_format.as_str(), "auto" | "dummy") {
-        bail!("--load-format {}: expected auto or dummy", args.load_format);
+    let mut prompts = args.prompts.clone();
+    if let Some(f) = &args.prompts_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("--prompts-file {f}"))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
     }
-    let location = resolve(&args.model, &hub_cache()).with_context(|| {
+    if prompts.is_empty() {
+        bail!("no prompts: give them as arguments or with --prompts-file");
+    }
+    let engine_args = EngineArgs {
+        model: args.model.clone(),
+        dtype: args.dtype.clone(),
+        max_model_len: args.max_model_len,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        // No more sequences than prompts: the KV cache is sized for them.
+        max_num_seqs: args.max_num_seqs.min(prompts.len()),
+        enable_prefix_caching: !args.no_enable_prefix_caching,
+        load_format: args.load_format.clone(),
+        seed: args.seed.unwrap_or(0),
+        ..EngineArgs::default()
+    };
+    let ctx = GpuContext::new(opts)?;
+    let device = ctx.info.name.clone();
+    let mut llm = LLM::with_context(ctx, engine_args).with_context(|| {
         if args.model == DEFAULT_MODEL {
             "the default model is fetched by scripts/fetch-assets.sh".to_string()
         } else {
             format!("--model {}", args.model)
         }
     })?;
-    let ctx = GpuContext::new(opts)?;
-    let (tok, model) = match &location {
-        ModelLocation::Gguf(_) if args.load_format == "dummy" => {
-            bail!("--load-format dummy needs a Hugging Face folder (its config.json gives the shapes)")
-        }
-        ModelLocation::Gguf(path) => {
-            let file = GgufFile::open(path)?;
-            (
-                GgufTokenizer::from_gguf(&file.gguf)?,
-                DecoderModel::from_gguf(&ctx, &file, dtype.unwrap_or(DType::F16))?,
-            )
-        }
-        ModelLocation::HfDir(dir) => {
-            let cfg =
-                ModelConfig::from_hf_config(&std::fs::read_to_string(dir.join("config.json"))?)?;
-            let dtype = match dtype {
-                Some(d) => d,
-                None => parse_dtype(cfg.checkpoint_dtype.as_deref().unwrap_or("float16"))?,
-            };
-            let model = if args.load_format == "dummy" {
-                DecoderModel::dummy(&ctx, cfg, dtype, args.seed as u32)?
-            } else {
-                DecoderModel::from_hf_dir(&ctx, &SafetensorsDir::open(dir)?, dtype)?
-            };
-            (GgufTokenizer::from_hf_dir(dir)?, model)
-        }
-    };
-    let attn = AttentionOptions::from_env()?;
-    let sampling = Sampling {
+    let params = SamplingParams {
         temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
         seed: args.seed,
+        max_tokens: Some(args.max_tokens),
+        ..SamplingParams::default()
     };
-    let stop: Vec<u32> = tok.eos.into_iter().collect();
-    for prompt in &args.prompts {
-        let text = if args.chat {
-            tok.apply_chat_template(&[("user", prompt)], true)?
-        } else {
-            prompt.clone()
-        };
-        let ids = tok.encode(&text)?;
-        let out = generate(&ctx, &model, &ids, args.max_tokens, &stop, &attn, sampling)?;
-        let completion = tok.decode(&out.ids, true)?;
-        let decode_tok_s = out.ids.len().saturating_sub(1) as f64 / out.decode_seconds.max(1e-9);
+    let t0 = Instant::now();
+    let outs = if args.chat {
+        let convs: Vec<Vec<ChatMessage>> = prompts
+            .iter()
+            .map(|p| {
+                vec![ChatMessage {
+                    role: "user".into(),
+                    content: p.clone(),
+                }]
+            })
+            .collect();
+        llm.chat(&convs, &[params], &serde_json::Map::new())?
+    } else {
+        llm.generate(
+            prompts.iter().cloned().map(Prompt::Text).collect(),
+            &[params],
+        )?
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let generated: usize = outs.iter().map(|o| o.outputs[0].token_ids.len()).sum();
+    for (prompt, o) in prompts.iter().zip(&outs) {
+        let c = &o.outputs[0];
         if args.json {
             let obj = serde_json::json!({
-                "prompt": text,
-                "prompt_token_ids": ids,
-                "completion": completion,
-                "completion_token_ids": out.ids,
-                "prefill_seconds": out.prefill_seconds,
-                "decode_tokens_per_second": decode_tok_s,
+                "prompt": o.prompt,
+                "prompt_token_ids": o.prompt_token_ids,
+                "completion": c.text,
+                "completion_token_ids": c.token_ids,
+                "finish_reason": c.finish_reason.map(|f| f.as_str()),
             });
             println!("{obj}");
         } else {
-            println!("{prompt}\n=> {completion}");
-            eprintln!(
-                "[{} prompt tokens in {:.2} s, {} generated at {:.1} tok/s on {}]",
-                ids.len(),
-                out.prefill_seconds,
-                out.ids.len(),
-                decode_tok_s,
-                ctx.info.name
-            );
+            println!("{prompt}\n=> {}", c.text);
         }
     }
+    eprintln!(
+        "[{} prompts, {generated} tokens generated in {secs:.2} s: {:.1} tok/s on {device}]",
+        outs.len(),
+        generated as f64 / secs.max(1e-9)
+    );
     Ok(())
 }

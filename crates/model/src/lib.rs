@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod dequant;
 pub mod gguf;
+pub mod load;
 pub mod resolve;
 pub mod runner;
 pub mod safetensors_dir;

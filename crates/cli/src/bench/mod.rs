@@ -4,6 +4,7 @@
 mod attention;
 mod decode;
 mod kernels;
+mod throughput;
 mod timer;
 
 use anyhow::Result;
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Attention(attention::Args),
     /// Whole-model single-sequence prefill and decode speed against the roofline.
     Decode(decode::Args),
+    /// Continuous-batching throughput at batch 1, 2, 4, ... 64 through the engine.
+    Throughput(throughput::Args),
 }
 
 pub fn run(opts: &ContextOptions, cmd: BenchCommand) -> Result<()> {
@@ -25,5 +28,6 @@ pub fn run(opts: &ContextOptions, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kernels(args) => kernels::run(opts, args),
         BenchCommand::Attention(args) => attention::run(opts, args),
         BenchCommand::Decode(args) => decode::run(opts, args),
+        BenchCommand::Throughput(args) => throughput::run(opts, args),
     }
 }

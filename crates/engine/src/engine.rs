@@ -1,0 +1,653 @@
+//! `LLMEngine`: requests in, one batched forward per `step`, outputs out (vLLM's
+//! `EngineCore` and output processing in one place).
+//!
+//! A request with `n` samples becomes `n` sequences that share the prompt (through the
+//! prefix cache when it is on). Each step: the scheduler picks the sequences and token
+//! counts; the batch is laid out as the attention metadata wants it (each sequence's new
+//! tokens in turn, its block table from the KV manager); the model records its forward and
+//! an argmax over the rows that need a token; one submission; then greedy rows read their
+//! ids, rows that need the full distribution (sampling, penalties, logprobs) read their
+//! logits; full blocks are registered for prefix caching; new tokens are detokenized and
+//! checked against the stop conditions; finished sequences free their blocks.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use vllm_apple_model::decoder::DecoderModel;
+use vllm_apple_model::tokenizer::GgufTokenizer;
+use vllm_apple_ops::kernels::argmax;
+use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
+use vllm_apple_ops::kv_cache::KvCache;
+use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
+
+use crate::detokenizer::Detokenizer;
+use crate::kv_manager::{KvCacheManager, PrefixCacheStats, ReqId};
+use crate::params::{FinishReason, SamplingParams, StopReason};
+use crate::sampler::{self, SeqSampling, TokenLogprob};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqTokens};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request is invalid (the server answers 400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    #[error(transparent)]
+    Model(#[from] vllm_apple_model::decoder::ModelError),
+    #[error(transparent)]
+    Load(#[from] vllm_apple_model::load::LoadError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A prompt as text (tokenized by the engine) or as token ids.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(v: Vec<u32>) -> Self {
+        Prompt::Ids(v)
+    }
+}
+
+/// Top logprobs of one position: the chosen token's own, then the top-N.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionLogprobs {
+    pub token: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// One sample of a request (vLLM's `CompletionOutput`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionOutput {
+    pub index: usize,
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub cumulative_logprob: Option<f64>,
+    pub logprobs: Option<Vec<PositionLogprobs>>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// vLLM's `RequestOutput`: cumulative so far, `finished` once every sample is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestOutput {
+    pub request_id: String,
+    pub prompt: Option<String>,
+    pub prompt_token_ids: Vec<u32>,
+    /// Per prompt position (the first is `None`, as in vLLM).
+    pub prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
+    pub outputs: Vec<CompletionOutput>,
+    pub finished: bool,
+    /// Seconds from arrival to the first generated token, once there is one.
+    pub first_token_seconds: Option<f64>,
+}
+
+/// What the engine is built with (the engine-relevant part of vLLM's `EngineArgs`).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+    pub seed: u64,
+    pub attention: AttentionOptions,
+}
+
+struct Sequence {
+    request: ReqId,
+    index: usize,
+    params: SamplingParams,
+    prompt_len: usize,
+    sampling: SeqSampling,
+    detok: Option<Detokenizer>,
+    text: String,
+    cumulative_logprob: f64,
+    logprobs: Vec<PositionLogprobs>,
+    finish: Option<(FinishReason, Option<StopReason>)>,
+}
+
+struct Request {
+    external_id: String,
+    prompt: Option<String>,
+    prompt_ids: Vec<u32>,
+    seqs: Vec<ReqId>,
+    prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
+    /// Prompt logprobs wanted (top-N), until the prompt is done.
+    prompt_logprobs_n: Option<usize>,
+    arrival: Instant,
+    first_token: Option<f64>,
+}
+
+/// Engine counters (the server's /metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub kv_cache_usage: f64,
+    pub prefix_cache: PrefixCacheStats,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+pub struct LLMEngine {
+    pub ctx: std::sync::Arc<GpuContext>,
+    pub model: DecoderModel,
+    pub tokenizer: Option<GgufTokenizer>,
+    pub cfg: EngineConfig,
+    kv: KvCache,
+    kv_manager: KvCacheManager,
+    scheduler: Scheduler,
+    seqs: HashMap<ReqId, Sequence>,
+    tokens: HashMap<ReqId, SeqTokens>,
+    requests: HashMap<ReqId, Request>,
+    by_external: HashMap<String, ReqId>,
+    next_id: ReqId,
+    stats: EngineStats,
+}
+
+impl LLMEngine {
+    pub fn new(
+        ctx: std::sync::Arc<GpuContext>,
+        model: DecoderModel,
+        tokenizer: Option<GgufTokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<LLMEngine, EngineError> {
+        if cfg.max_model_len < 2 || cfg.max_model_len > model.cfg.max_position.max(2) {
+            return Err(EngineError::Config(format!(
+                "max_model_len {} must be in 2..={} (the model's max_position_embeddings)",
+                cfg.max_model_len, model.cfg.max_position
+            )));
+        }
+        if cfg.num_blocks * cfg.block_size < cfg.max_model_len {
+            return Err(EngineError::Config(format!(
+                "{} KV blocks of {} tokens cannot hold one sequence of max_model_len {}",
+                cfg.num_blocks, cfg.block_size, cfg.max_model_len
+            )));
+        }
+        if cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+            return Err(EngineError::Config(
+                "max_num_seqs and max_num_batched_tokens must be positive".into(),
+            ));
+        }
+        let kv = KvCache::new(&ctx, model.kv_spec(cfg.block_size), cfg.num_blocks)?;
+        Ok(LLMEngine {
+            kv,
+            kv_manager: KvCacheManager::new(
+                cfg.num_blocks,
+                cfg.block_size,
+                cfg.enable_prefix_caching,
+            ),
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+            }),
+            seqs: HashMap::new(),
+            tokens: HashMap::new(),
+            requests: HashMap::new(),
+            by_external: HashMap::new(),
+            next_id: 0,
+            stats: EngineStats::default(),
+            ctx,
+            model,
+            tokenizer,
+            cfg,
+        })
+    }
+
+    fn eos(&self) -> Option<u32> {
+        self.tokenizer.as_ref().and_then(|t| t.eos)
+    }
+
+    /// Tokenizes (when text), validates and queues a request.
+    pub fn add_request(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        params.validate().map_err(EngineError::InvalidRequest)?;
+        if self.by_external.contains_key(request_id) {
+            return Err(EngineError::InvalidRequest(format!(
+                "request id '{request_id}' is already in use"
+            )));
+        }
+        let (text, ids) = match prompt {
+            Prompt::Text(t) => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    EngineError::InvalidRequest(
+                        "this model has no tokenizer: give prompt token ids".into(),
+                    )
+                })?;
+                let ids = tok
+                    .encode(&t)
+                    .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+                (Some(t), ids)
+            }
+            Prompt::Ids(ids) => (None, ids),
+        };
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.model.cfg.vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is out of vocabulary (size {})",
+                self.model.cfg.vocab
+            )));
+        }
+        if ids.len() >= self.cfg.max_model_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "this model's maximum context length is {} tokens; the prompt has {} tokens \
+                 (at least one token must be left to generate)",
+                self.cfg.max_model_len,
+                ids.len()
+            )));
+        }
+        if let Some((t, _)) = params
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= self.model.cfg.vocab)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "logit_bias token {t} is out of vocabulary"
+            )));
+        }
+        let rid = self.next_id;
+        self.next_id += 1;
+        let mut seq_ids = Vec::with_capacity(params.n);
+        for index in 0..params.n {
+            let id = self.next_id;
+            self.next_id += 1;
+            let mut p = params.clone();
+            if let Some(s) = p.seed {
+                p.seed = Some(s.wrapping_add(index as u64));
+            }
+            let fallback = self
+                .cfg
+                .seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(id);
+            let detok = self
+                .tokenizer
+                .as_ref()
+                .map(|_| Detokenizer::new(&ids, p.skip_special_tokens));
+            self.seqs.insert(
+                id,
+                Sequence {
+                    request: rid,
+                    index,
+                    sampling: SeqSampling::new(&p, fallback),
+                    params: p,
+                    prompt_len: ids.len(),
+                    detok,
+                    text: String::new(),
+                    cumulative_logprob: 0.0,
+                    logprobs: Vec::new(),
+                    finish: None,
+                },
+            );
+            self.tokens.insert(
+                id,
+                SeqTokens {
+                    tokens: ids.clone(),
+                    num_computed: 0,
+                },
+            );
+            self.scheduler.add(id);
+            seq_ids.push(id);
+        }
+        self.stats.prompt_tokens += ids.len() as u64;
+        self.by_external.insert(request_id.to_string(), rid);
+        self.requests.insert(
+            rid,
+            Request {
+                external_id: request_id.to_string(),
+                prompt: text,
+                prompt_logprobs: params.prompt_logprobs.map(|_| vec![None]),
+                prompt_logprobs_n: params.prompt_logprobs,
+                prompt_ids: ids,
+                seqs: seq_ids,
+                arrival: Instant::now(),
+                first_token: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a request wherever it is (waiting, mid-prefill, decoding) and frees its blocks.
+    /// Returns its final output (finish reason `abort`), or `None` for an unknown id.
+    pub fn abort(&mut self, request_id: &str) -> Option<RequestOutput> {
+        let rid = self.by_external.get(request_id).copied()?;
+        let seq_ids = self.requests.get(&rid)?.seqs.clone();
+        for id in &seq_ids {
+            if let Some(s) = self.seqs.get_mut(id) {
+                if s.finish.is_none() {
+                    s.finish = Some((FinishReason::Abort, None));
+                }
+            }
+            self.release(*id);
+        }
+        let out = self.output_of(rid);
+        self.retire(rid);
+        Some(out)
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: self.kv_manager.usage(),
+            prefix_cache: self.kv_manager.prefix_cache_stats(),
+            preemptions: self.scheduler.num_preemptions,
+            ..self.stats
+        }
+    }
+
+    /// Blocks in use (0 when idle: the leak check of the tests).
+    pub fn kv_blocks_in_use(&self) -> usize {
+        self.kv_manager.num_blocks() - self.kv_manager.num_free_blocks()
+    }
+
+    /// Takes a finished or aborted sequence out of scheduling and frees its blocks (its
+    /// tokens stay until the request is retired).
+    fn release(&mut self, id: ReqId) {
+        self.scheduler.remove(id);
+        self.kv_manager.free(id);
+    }
+
+    fn retire(&mut self, rid: ReqId) {
+        if let Some(r) = self.requests.remove(&rid) {
+            self.by_external.remove(&r.external_id);
+            for id in r.seqs {
+                self.seqs.remove(&id);
+                self.tokens.remove(&id);
+            }
+        }
+    }
+
+    fn output_of(&self, rid: ReqId) -> RequestOutput {
+        let r = &self.requests[&rid];
+        let outputs: Vec<CompletionOutput> = r
+            .seqs
+            .iter()
+            .filter_map(|id| Some((self.seqs.get(id)?, self.tokens.get(id)?)))
+            .map(|(s, t)| CompletionOutput {
+                index: s.index,
+                text: s.text.clone(),
+                token_ids: t.tokens[s.prompt_len..].to_vec(),
+                cumulative_logprob: s.params.logprobs.map(|_| s.cumulative_logprob),
+                logprobs: s.params.logprobs.map(|_| s.logprobs.clone()),
+                finish_reason: s.finish.as_ref().map(|f| f.0),
+                stop_reason: s.finish.as_ref().and_then(|f| f.1.clone()),
+            })
+            .collect();
+        RequestOutput {
+            request_id: r.external_id.clone(),
+            prompt: r.prompt.clone(),
+            prompt_token_ids: r.prompt_ids.clone(),
+            prompt_logprobs: r.prompt_logprobs.clone(),
+            finished: outputs.iter().all(|o| o.finish_reason.is_some()),
+            outputs,
+            first_token_seconds: r.first_token,
+        }
+    }
+
+    /// Runs one step; returns the outputs of requests that progressed (cumulative), the
+    /// finished ones last time they appear.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let sched = self
+            .scheduler
+            .schedule(&mut self.tokens, &mut self.kv_manager);
+        if sched.seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stats.steps += 1;
+        // Lay out the batch.
+        let mut ids = Vec::with_capacity(sched.num_tokens());
+        let mut slices = Vec::with_capacity(sched.seqs.len());
+        // (sequence, batch row of its last token) for sequences that complete their tokens.
+        let mut sample_rows: Vec<(ReqId, usize)> = Vec::new();
+        // (request, prompt position p, batch row of token p) for prompt logprobs of p + 1.
+        let mut prompt_rows: Vec<(ReqId, usize, usize)> = Vec::new();
+        let mut offset = 0;
+        for sc in &sched.seqs {
+            let toks = &self.tokens[&sc.id];
+            ids.extend_from_slice(&toks.tokens[sc.num_computed..sc.num_computed + sc.num_new]);
+            slices.push((sc.id, sc.num_computed, sc.num_new));
+            if sc.num_computed + sc.num_new == toks.tokens.len() {
+                sample_rows.push((sc.id, offset + sc.num_new - 1));
+            }
+            let seq = &self.seqs[&sc.id];
+            let req = &self.requests[&seq.request];
+            if req.prompt_logprobs_n.is_some() && seq.index == 0 {
+                for p in sc.num_computed..(sc.num_computed + sc.num_new).min(seq.prompt_len - 1) {
+                    prompt_rows.push((seq.request, p, offset + p - sc.num_computed));
+                }
+            }
+            offset += sc.num_new;
+        }
+        let tables: Vec<&[u32]> = slices
+            .iter()
+            .map(|(id, _, _)| self.kv_manager.blocks_of(*id))
+            .collect();
+        let seq_slices: Vec<SeqSlice> = slices
+            .iter()
+            .zip(&tables)
+            .map(|((_, cached, new), table)| SeqSlice {
+                block_table: table,
+                num_cached: *cached,
+                num_new: *new,
+            })
+            .collect();
+        let ctx = &*self.ctx;
+        let meta = HostMetadata::build(&seq_slices, self.cfg.block_size, 0)?
+            .upload(ctx, self.cfg.block_size)?;
+        // Logit rows: sampled rows first, then prompt-logprob rows.
+        let rows: Vec<u32> = sample_rows
+            .iter()
+            .map(|&(_, r)| r as u32)
+            .chain(prompt_rows.iter().map(|&(_, _, r)| r as u32))
+            .collect();
+        let ids_t = ctx.upload_u32(&[ids.len()], &ids)?;
+        let mut step = Step::new(ctx);
+        let (logits, argmax_ids) = if rows.is_empty() {
+            let dummy = ctx.upload_u32(&[1], &[(ids.len() - 1) as u32])?;
+            self.model.forward(
+                &mut step,
+                &ids_t,
+                &meta,
+                &self.kv,
+                &dummy,
+                &self.cfg.attention,
+            )?;
+            (None, None)
+        } else {
+            let rows_t = ctx.upload_u32(&[rows.len()], &rows)?;
+            let logits = self.model.forward(
+                &mut step,
+                &ids_t,
+                &meta,
+                &self.kv,
+                &rows_t,
+                &self.cfg.attention,
+            )?;
+            let out = ctx.empty(&[rows.len()], DType::U32)?;
+            argmax::argmax(&mut step, &logits, &out)?;
+            (Some(logits), Some(out))
+        };
+        step.submit_and_wait()?;
+        // Progress and prefix-cache registration for every scheduled sequence.
+        for sc in &sched.seqs {
+            let computed = sc.num_computed + sc.num_new;
+            if let Some(t) = self.tokens.get_mut(&sc.id) {
+                t.num_computed = computed;
+                self.kv_manager
+                    .cache_full_blocks(sc.id, &t.tokens[..computed]);
+            }
+        }
+        let greedy_ids = match &argmax_ids {
+            Some(t) => t.to_u32_vec(ctx)?,
+            None => Vec::new(),
+        };
+        let needs_logits = !prompt_rows.is_empty()
+            || sample_rows
+                .iter()
+                .any(|(id, _)| self.seqs[id].params.needs_logits());
+        let vocab = self.model.cfg.vocab;
+        let host_logits = match (&logits, needs_logits) {
+            (Some(l), true) => Some(l.to_f32_vec(ctx)?),
+            _ => None,
+        };
+        // Prompt logprobs.
+        for (k, &(rid, p, _)) in prompt_rows.iter().enumerate() {
+            let row = sample_rows.len() + k;
+            let (Some(l), Some(req)) = (&host_logits, self.requests.get_mut(&rid)) else {
+                continue;
+            };
+            let n = req.prompt_logprobs_n.unwrap_or(0);
+            let next = req.prompt_ids[p + 1];
+            let (own, top) = sampler::logprobs_of(&l[row * vocab..(row + 1) * vocab], next, n);
+            if let Some(v) = req.prompt_logprobs.as_mut() {
+                v.push(Some(PositionLogprobs { token: own, top }));
+            }
+        }
+        // Sample, detokenize, check stops.
+        let eos = self.eos();
+        let mut touched: Vec<ReqId> = Vec::new();
+        for (row, &(id, _)) in sample_rows.iter().enumerate() {
+            let (Some(seq), Some(toks)) = (self.seqs.get_mut(&id), self.tokens.get_mut(&id)) else {
+                continue;
+            };
+            let (token, lp) = if seq.params.needs_logits() {
+                let Some(l) = &host_logits else { continue };
+                let s = sampler::sample(
+                    &l[row * vocab..(row + 1) * vocab],
+                    &seq.params,
+                    &toks.tokens[..seq.prompt_len],
+                    &toks.tokens[seq.prompt_len..],
+                    eos,
+                    &mut seq.sampling,
+                );
+                (s.token, Some((s.logprob, s.top)))
+            } else {
+                (greedy_ids[row], None)
+            };
+            toks.tokens.push(token);
+            if let Some((own, top)) = lp {
+                if seq.params.logprobs.is_some() {
+                    seq.cumulative_logprob += own.logprob as f64;
+                    seq.logprobs.push(PositionLogprobs { token: own, top });
+                }
+            }
+            self.stats.generation_tokens += 1;
+            if let (Some(d), Some(tok)) = (seq.detok.as_mut(), self.tokenizer.as_ref()) {
+                match d.push(tok, token) {
+                    Ok(new) => seq.text.push_str(&new),
+                    Err(e) => tracing::warn!("detokenizing {token}: {e}"),
+                }
+            }
+            seq.finish = check_stop(seq, &toks.tokens, token, eos, self.cfg.max_model_len);
+            touched.push(seq.request);
+            if let Some(r) = self.requests.get_mut(&seq.request) {
+                if r.first_token.is_none() {
+                    r.first_token = Some(r.arrival.elapsed().as_secs_f64());
+                }
+            }
+        }
+        // Free finished sequences; emit outputs.
+        let finished: Vec<ReqId> = sample_rows
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.seqs.get(id).is_some_and(|s| s.finish.is_some()))
+            .collect();
+        for id in finished {
+            self.release(id);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let mut outs = Vec::with_capacity(touched.len());
+        for rid in touched {
+            let out = self.output_of(rid);
+            if out.finished {
+                self.retire(rid);
+            }
+            outs.push(out);
+        }
+        Ok(outs)
+    }
+}
+
+/// The stop conditions, in vLLM's order: stop strings (trimming the text), eos, stop token
+/// ids, max_tokens, max_model_len; none before `min_tokens`.
+fn check_stop(
+    seq: &mut Sequence,
+    tokens: &[u32],
+    token: u32,
+    eos: Option<u32>,
+    max_model_len: usize,
+) -> Option<(FinishReason, Option<StopReason>)> {
+    let generated = tokens.len() - seq.prompt_len;
+    let p = &seq.params;
+    if generated >= p.min_tokens.max(1) {
+        if !p.stop.is_empty() {
+            // Only text that could contain a new match: the tail as long as the longest stop.
+            let from = seq
+                .text
+                .len()
+                .saturating_sub(p.max_stop_len() + 16)
+                .min(seq.text.len());
+            let from = (0..=from)
+                .rev()
+                .find(|&i| seq.text.is_char_boundary(i))
+                .unwrap_or(0);
+            let hit = p
+                .stop
+                .iter()
+                .filter_map(|s| seq.text[from..].find(s.as_str()).map(|i| (from + i, s)))
+                .min_by_key(|(i, _)| *i);
+            if let Some((at, s)) = hit {
+                let end = if p.include_stop_str_in_output {
+                    at + s.len()
+                } else {
+                    at
+                };
+                seq.text.truncate(end);
+                return Some((FinishReason::Stop, Some(StopReason::Text(s.clone()))));
+            }
+        }
+        if !p.ignore_eos && Some(token) == eos {
+            return Some((FinishReason::Stop, None));
+        }
+        if p.stop_token_ids.contains(&token) {
+            return Some((FinishReason::Stop, Some(StopReason::Token(token))));
+        }
+    }
+    if p.max_tokens.is_some_and(|m| generated >= m) || tokens.len() >= max_model_len {
+        return Some((FinishReason::Length, None));
+    }
+    None
+}

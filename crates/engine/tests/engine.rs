@@ -1,0 +1,407 @@
+//! The engine end to end on the tiny random Qwen3 of the model tests (2 layers, vocab 2048)
+//! with the real Qwen3 tokenizer for text: batching with requests joining and leaving,
+//! prefix caching, preemption in a tiny cache, aborts and leaks, seeds, stops, logprobs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vllm_apple_engine::params::{FinishReason, StopReason};
+use vllm_apple_engine::{EngineArgs, EngineError, Prompt, RequestOutput, SamplingParams, LLM};
+use vllm_apple_ops::{ContextOptions, GpuContext};
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../model/tests/fixtures/tiny/qwen3"
+);
+const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.cache/tokenizers/qwen3");
+
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| GpuContext::new(&ContextOptions::default()).expect("a GPU adapter"))
+        .clone()
+}
+
+fn llm(f: impl FnOnce(&mut EngineArgs)) -> LLM {
+    let mut args = EngineArgs::new(MODEL);
+    args.tokenizer = Some(TOKENIZER.into());
+    args.dtype = "float32".into();
+    args.max_model_len = Some(256);
+    args.num_gpu_blocks_override = Some(256);
+    f(&mut args);
+    LLM::with_context(ctx(), args).unwrap()
+}
+
+fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut r = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = r.random_range(3..40);
+            (0..len).map(|_| r.random_range(0..2048)).collect()
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens: Some(max_tokens),
+        ..SamplingParams::greedy()
+    }
+}
+
+fn ids_of(outs: &[RequestOutput]) -> Vec<Vec<u32>> {
+    outs.iter()
+        .map(|o| o.outputs[0].token_ids.clone())
+        .collect()
+}
+
+/// Drives the engine by hand: requests join at different steps and leave as they finish.
+fn staggered(
+    llm: &mut LLM,
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
+) -> HashMap<String, RequestOutput> {
+    let e = &mut llm.engine;
+    let mut done = HashMap::new();
+    let mut next = 0;
+    let mut step = 0;
+    while done.len() < prompts.len() {
+        // Two new requests every third step.
+        if step % 3 == 0 {
+            for _ in 0..2 {
+                if next < prompts.len() {
+                    e.add_request(
+                        &format!("r{next}"),
+                        Prompt::Ids(prompts[next].clone()),
+                        params[next].clone(),
+                    )
+                    .unwrap();
+                    next += 1;
+                }
+            }
+        }
+        for o in e.step().unwrap() {
+            if o.finished {
+                done.insert(o.request_id.clone(), o);
+            }
+        }
+        step += 1;
+        assert!(step < 10_000);
+    }
+    assert_eq!(e.kv_blocks_in_use(), 0, "blocks leaked");
+    done
+}
+
+#[test]
+fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
+    let mut m = llm(|_| {});
+    let ps = prompts(16, 1);
+    let params: Vec<SamplingParams> = (0..16).map(|i| greedy(6 + i % 7)).collect();
+    let alone: Vec<Vec<u32>> = ps
+        .iter()
+        .zip(&params)
+        .map(|(p, sp)| {
+            ids_of(
+                &m.generate(vec![Prompt::Ids(p.clone())], std::slice::from_ref(sp))
+                    .unwrap(),
+            )[0]
+            .clone()
+        })
+        .collect();
+    let batched = staggered(&mut m, &ps, &params);
+    for (i, want) in alone.iter().enumerate() {
+        let got = &batched[&format!("r{i}")].outputs[0];
+        assert_eq!(&got.token_ids, want, "request {i}");
+        assert_eq!(got.finish_reason, Some(FinishReason::Length));
+        assert_eq!(got.token_ids.len(), params[i].max_tokens.unwrap());
+    }
+    // And all at once through generate.
+    let all = m
+        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+        .unwrap();
+    assert_eq!(ids_of(&all), alone);
+}
+
+#[test]
+fn prefix_caching_gives_the_same_outputs_and_hits() {
+    let shared: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 2048).collect();
+    let ps: Vec<Vec<u32>> = (0..6)
+        .map(|i| shared.iter().copied().chain([100 + i, 7, 8 + i]).collect())
+        .collect();
+    let run = |caching: bool| {
+        let mut m = llm(|a| a.enable_prefix_caching = caching);
+        let mut outs = Vec::new();
+        // One at a time, so later requests find the earlier ones' blocks.
+        for p in &ps {
+            outs.extend(ids_of(
+                &m.generate(vec![Prompt::Ids(p.clone())], &[greedy(8)])
+                    .unwrap(),
+            ));
+        }
+        (outs, m.engine.stats().prefix_cache.hit_rate())
+    };
+    let (off, off_rate) = run(false);
+    let (on, on_rate) = run(true);
+    assert_eq!(off, on);
+    assert_eq!(off_rate, 0.0);
+    assert!(on_rate > 0.5, "hit rate {on_rate}");
+}
+
+#[test]
+fn a_tiny_cache_finishes_everything_through_preemption() {
+    let ps = prompts(8, 2);
+    let params: Vec<SamplingParams> = (0..8).map(|_| greedy(24)).collect();
+    let mut big = llm(|_| {});
+    let want = ids_of(
+        &big.generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+            .unwrap(),
+    );
+    // 5 blocks of 16 tokens = 80 tokens for 8 requests of up to 63 tokens each.
+    let mut tiny = llm(|a| {
+        a.max_model_len = Some(80);
+        a.num_gpu_blocks_override = Some(5);
+    });
+    let got = ids_of(
+        &tiny
+            .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+            .unwrap(),
+    );
+    assert_eq!(got, want);
+    assert!(tiny.engine.stats().preemptions > 0, "expected preemptions");
+    assert_eq!(tiny.engine.kv_blocks_in_use(), 0);
+}
+
+#[test]
+fn aborts_at_any_time_leave_no_blocks() {
+    for seed in 0..6u64 {
+        let mut m = llm(|a| {
+            a.num_gpu_blocks_override = Some(24);
+            a.max_model_len = Some(128);
+            a.max_num_batched_tokens = Some(48);
+        });
+        let mut r = StdRng::seed_from_u64(seed);
+        let ps = prompts(12, 10 + seed);
+        let mut live: Vec<String> = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let id = format!("a{i}");
+            m.engine
+                .add_request(&id, Prompt::Ids(p.clone()), greedy(r.random_range(1..30)))
+                .unwrap();
+            live.push(id);
+            for _ in 0..r.random_range(0..3) {
+                for o in m.engine.step().unwrap() {
+                    if o.finished {
+                        live.retain(|x| *x != o.request_id);
+                    }
+                }
+            }
+            if r.random_bool(0.4) && !live.is_empty() {
+                let k = r.random_range(0..live.len());
+                let id = live.swap_remove(k);
+                let out = m.engine.abort(&id).expect("a live request");
+                assert!(out.finished);
+                assert_eq!(out.outputs[0].finish_reason, Some(FinishReason::Abort));
+            }
+        }
+        while m.engine.has_unfinished() {
+            m.engine.step().unwrap();
+        }
+        assert_eq!(m.engine.kv_blocks_in_use(), 0, "seed {seed}: blocks leaked");
+        assert!(m.engine.abort("a0").is_none(), "finished requests are gone");
+    }
+}
+
+#[test]
+fn seeded_sampling_reproduces_whatever_the_batch() {
+    let mut m = llm(|_| {});
+    let ps = prompts(5, 3);
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(1234),
+        max_tokens: Some(12),
+        ..Default::default()
+    };
+    let alone = ids_of(
+        &m.generate(
+            vec![Prompt::Ids(ps[0].clone())],
+            std::slice::from_ref(&seeded),
+        )
+        .unwrap(),
+    );
+    let mut params = vec![seeded.clone()];
+    params.extend((1..5).map(|_| SamplingParams {
+        temperature: 1.0,
+        max_tokens: Some(12),
+        ..Default::default()
+    }));
+    let batch = m
+        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+        .unwrap();
+    assert_eq!(batch[0].outputs[0].token_ids, alone[0]);
+    let other = SamplingParams {
+        seed: Some(99),
+        ..seeded.clone()
+    };
+    let diff = ids_of(
+        &m.generate(vec![Prompt::Ids(ps[0].clone())], &[other])
+            .unwrap(),
+    );
+    assert_ne!(diff[0], alone[0], "another seed should sample differently");
+    // n > 1: distinct samples of one prompt, indexed.
+    let n3 = SamplingParams { n: 3, ..seeded };
+    let out = m.generate(vec![Prompt::Ids(ps[1].clone())], &[n3]).unwrap();
+    assert_eq!(out[0].outputs.len(), 3);
+    assert_eq!(
+        out[0].outputs.iter().map(|o| o.index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_ne!(out[0].outputs[0].token_ids, out[0].outputs[1].token_ids);
+    assert_eq!(m.engine.kv_blocks_in_use(), 0);
+}
+
+#[test]
+fn stop_strings_tokens_and_min_tokens() {
+    let mut m = llm(|_| {});
+    let p = prompts(1, 4).remove(0);
+    let free = m
+        .generate(vec![Prompt::Ids(p.clone())], &[greedy(24)])
+        .unwrap()
+        .remove(0);
+    let text = free.outputs[0].text.clone();
+    assert!(!text.is_empty());
+    // A stop string from the middle of the text: output ends just before its first match.
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let (a, b) = (
+        chars[chars.len() / 2].0,
+        chars[(chars.len() / 2 + 3).min(chars.len() - 1)].0,
+    );
+    let stop = text[a..b.max(a + 1).min(text.len())].to_string();
+    let first = text.find(&stop).unwrap();
+    let sp = SamplingParams {
+        stop: vec![stop.clone()],
+        ..greedy(24)
+    };
+    let out = m
+        .generate(vec![Prompt::Ids(p.clone())], std::slice::from_ref(&sp))
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.outputs[0].text, text[..first]);
+    assert_eq!(out.outputs[0].finish_reason, Some(FinishReason::Stop));
+    assert_eq!(
+        out.outputs[0].stop_reason,
+        Some(StopReason::Text(stop.clone()))
+    );
+    let keep = SamplingParams {
+        include_stop_str_in_output: true,
+        ..sp
+    };
+    let out = m
+        .generate(vec![Prompt::Ids(p.clone())], &[keep])
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.outputs[0].text, text[..first + stop.len()]);
+    // A stop token: the first greedy token ends it at once; min_tokens masks it for 3.
+    let t0 = free.outputs[0].token_ids[0];
+    let st = SamplingParams {
+        stop_token_ids: vec![t0],
+        ..greedy(24)
+    };
+    let out = m
+        .generate(vec![Prompt::Ids(p.clone())], std::slice::from_ref(&st))
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.outputs[0].token_ids, vec![t0]);
+    assert_eq!(out.outputs[0].stop_reason, Some(StopReason::Token(t0)));
+    let min = SamplingParams {
+        min_tokens: 3,
+        ..st
+    };
+    let out = m.generate(vec![Prompt::Ids(p)], &[min]).unwrap().remove(0);
+    assert!(out.outputs[0].token_ids.len() >= 3);
+    assert!(!out.outputs[0].token_ids[..3].contains(&t0));
+}
+
+#[test]
+fn logprobs_and_prompt_logprobs() {
+    let mut m = llm(|_| {});
+    let p = prompts(1, 5).remove(0);
+    let sp = SamplingParams {
+        logprobs: Some(3),
+        prompt_logprobs: Some(2),
+        ..greedy(5)
+    };
+    let out = m
+        .generate(vec![Prompt::Ids(p.clone())], &[sp])
+        .unwrap()
+        .remove(0);
+    let o = &out.outputs[0];
+    let lps = o.logprobs.as_ref().unwrap();
+    assert_eq!(lps.len(), 5);
+    let mut sum = 0.0;
+    for (pos, tok) in lps.iter().zip(&o.token_ids) {
+        assert_eq!(pos.token.token, *tok);
+        assert_eq!(pos.top.len(), 3);
+        // Greedy picks the most likely token: rank 1, the top entry.
+        assert_eq!(pos.token.rank, 1);
+        assert_eq!(pos.top[0].token, *tok);
+        assert!(pos.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        sum += pos.token.logprob as f64;
+    }
+    assert!((o.cumulative_logprob.unwrap() - sum).abs() < 1e-4);
+    let plp = out.prompt_logprobs.as_ref().unwrap();
+    assert_eq!(plp.len(), p.len());
+    assert!(plp[0].is_none());
+    for (i, e) in plp.iter().enumerate().skip(1) {
+        let e = e.as_ref().unwrap();
+        assert_eq!(e.token.token, p[i]);
+        assert_eq!(e.top.len(), 2);
+        assert!(e.token.logprob <= 0.0);
+    }
+}
+
+#[test]
+fn bad_requests_are_rejected_and_the_engine_goes_on() {
+    let mut m = llm(|a| a.max_model_len = Some(64));
+    let bad = [
+        SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            n: 0,
+            ..Default::default()
+        },
+    ];
+    for sp in bad {
+        let e = m
+            .generate(vec![Prompt::Ids(vec![1, 2, 3])], &[sp])
+            .unwrap_err();
+        assert!(matches!(e, EngineError::InvalidRequest(_)), "{e}");
+    }
+    let long = m
+        .generate(vec![Prompt::Ids(vec![5; 64])], &[greedy(4)])
+        .unwrap_err();
+    assert!(
+        long.to_string().contains("maximum context length is 64"),
+        "{long}"
+    );
+    let oov = m
+        .generate(vec![Prompt::Ids(vec![5, 4096])], &[greedy(4)])
+        .unwrap_err();
+    assert!(oov.to_string().contains("4096"), "{oov}");
+    // max_model_len caps generation.
+    let out = m
+        .generate(vec![Prompt::Ids(vec![5; 60])], &[greedy(100)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.outputs[0].token_ids.len(), 4);
+    assert_eq!(out.outputs[0].finish_reason, Some(FinishReason::Length));
+    assert_eq!(m.engine.kv_blocks_in_use(), 0);
+}
