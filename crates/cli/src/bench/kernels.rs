@@ -331,7 +331,7 @@ fn bench_matmul(
         },
         us: t * 1e6,
         gbs: bytes / t / 1e9,
-        tflops: (m > matmul::GEMV_MAX_M).then_some(flops / t / 1e12),
+        tflops: (m > matmul::AUTO_GEMV_MAX_M).then_some(flops / t / 1e12),
     });
     Ok(())
 }

@@ -24,8 +24,11 @@ const GEMM_COOP_VEC: &str = concat!(
     include_str!("wgsl/gemm_coop.wgsl")
 );
 
-/// Largest M the GEMV path takes (its accumulators live in registers: M x ROWS).
-pub const GEMV_MAX_M: usize = 8;
+/// Largest M the GEMV path can take (its accumulators live in registers: M x ROWS).
+pub const GEMV_MAX_M: usize = 32;
+/// Largest M the automatic choice gives the GEMV: on the H100 it beats the 128-row
+/// cooperative-matrix tiles up to 32 rows (too few workgroups there; docs/performance.md).
+pub const AUTO_GEMV_MAX_M: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
@@ -59,9 +62,10 @@ impl GemvConfig {
             && m as u32 * self.rpt <= 64
     }
 
-    /// The default split, from the sweep on the H100 (docs/performance.md): at M = 1, 128
-    /// invocations on 2 rows ran within 3% of the best split on every Qwen3-30B-A3B shape;
-    /// larger M favours 64 invocations on 4 rows.
+    /// The default split, from the sweeps on the H100 / H200 (docs/performance.md): at
+    /// M = 1, 128 invocations on 2 rows ran within 3% of the best split on every
+    /// Qwen3-30B-A3B shape; up to M = 16, 64 invocations on 4 rows; above, 64 on 2 rows
+    /// in workgroups of 256.
     pub fn for_batch(m: usize) -> GemvConfig {
         if m <= 2 {
             GemvConfig {
@@ -69,11 +73,17 @@ impl GemvConfig {
                 tpr: 128,
                 rpt: 2,
             }
-        } else {
+        } else if m <= 16 {
             GemvConfig {
                 wg: 128,
                 tpr: 64,
                 rpt: 4,
+            }
+        } else {
+            GemvConfig {
+                wg: 256,
+                tpr: 64,
+                rpt: 2,
             }
         }
     }
@@ -155,6 +165,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         },
         DType::F16,
     ));
+    v.push(gemv_kernel(32, GemvConfig::for_batch(32), DType::F16));
     v.push(gemv_kernel(
         3,
         GemvConfig {
@@ -182,7 +193,7 @@ fn coop_ok(step: &Step, w: &Weight) -> bool {
 
 /// The path `Auto` takes for this shape on this device.
 pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
-    if gemv_ok(m, w) {
+    if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
         MatmulPath::Gemv
     } else if coop_ok(step, w) {
         MatmulPath::Coop
