@@ -40,6 +40,7 @@ linux() {
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3 python3-pip)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
   local mesa_old=0
   if dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^22\.'; then mesa_old=1; fi

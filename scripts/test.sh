@@ -9,3 +9,8 @@ bash scripts/install-deps.sh
 if [ "$(uname -s)" = Linux ]; then export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}; fi
 bash scripts/fetch-assets.sh --tests
 cargo test --workspace --locked
+# End to end: the server with the real `openai` client, and the Python package.
+cargo build --release --locked --bin vllm-apple
+[ -x .cache/venv/bin/python ] || python3 -m venv .cache/venv
+.cache/venv/bin/pip install -q -r tests/python/requirements.txt
+.cache/venv/bin/python -m pytest -q tests/python

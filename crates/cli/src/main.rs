@@ -3,6 +3,7 @@
 mod bench;
 mod env;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Env,
     /// Generate text for one or more prompts.
     Generate(generate::Args),
+    /// Serve the OpenAI-compatible API.
+    Serve(serve::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -49,6 +52,7 @@ fn main() {
     let result = match cli.command {
         Command::Env => env::run(&opts),
         Command::Generate(args) => generate::run(&opts, args),
+        Command::Serve(args) => serve::run(&opts, args),
         Command::Bench { what } => bench::run(&opts, what),
     };
     if let Err(e) = result {

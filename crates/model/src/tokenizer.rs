@@ -28,6 +28,7 @@ pub enum TokenizerError {
     File { path: String, detail: String },
 }
 
+#[derive(Clone)]
 pub struct GgufTokenizer {
     inner: Tokenizer,
     pub bos: Option<u32>,
