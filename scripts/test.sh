@@ -13,4 +13,5 @@ cargo test --workspace --locked
 cargo build --release --locked --bin vllm-apple
 [ -x .cache/venv/bin/python ] || python3 -m venv .cache/venv
 .cache/venv/bin/pip install -q -r tests/python/requirements.txt
+VIRTUAL_ENV="$PWD/.cache/venv" .cache/venv/bin/maturin develop --release --locked -q -m crates/python/Cargo.toml
 .cache/venv/bin/python -m pytest -q tests/python
