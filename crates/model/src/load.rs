@@ -4,7 +4,7 @@
 use crate::config::{ConfigError, ModelConfig};
 use crate::decoder::{DecoderModel, ModelError};
 use crate::gguf::{GgufError, GgufFile};
-use crate::resolve::{hub_cache, resolve, ModelLocation, ResolveError};
+use crate::resolve::{hub_cache, resolve_or_download, ModelLocation, ResolveError};
 use crate::safetensors_dir::{SafetensorsDir, SafetensorsError};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use vllm_apple_ops::{DType, GpuContext};
@@ -71,7 +71,7 @@ pub fn load_model(
     format: LoadFormat,
     seed: u32,
 ) -> Result<(DecoderModel, Option<GgufTokenizer>), LoadError> {
-    let location = resolve(spec, &hub_cache())?;
+    let location = resolve_or_download(spec, &hub_cache())?;
     let (model, tok) = match &location {
         ModelLocation::Gguf(_) if format == LoadFormat::Dummy => {
             return Err(LoadError::Invalid(
@@ -123,7 +123,7 @@ pub fn load_tokenizer(spec: &str) -> Result<GgufTokenizer, LoadError> {
     if path.join("tokenizer.json").is_file() {
         return Ok(GgufTokenizer::from_hf_dir(path)?);
     }
-    Ok(match resolve(spec, &hub_cache())? {
+    Ok(match resolve_or_download(spec, &hub_cache())? {
         ModelLocation::Gguf(path) => GgufTokenizer::from_gguf(&GgufFile::open(&path)?.gguf)?,
         ModelLocation::HfDir(dir) => GgufTokenizer::from_hf_dir(&dir)?,
     })
