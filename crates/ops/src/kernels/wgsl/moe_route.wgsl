@@ -4,11 +4,11 @@
 //     a subgroup arg-max (ties go to the lower expert index, as the CPU reference defines),
 //     weights renormalised over the chosen k when NORM; each pick takes a rank within its
 //     expert from a workgroup atomic counter;
-//  2. one invocation scans the counts into expert offsets and cuts each expert's rows into
-//     tiles of at most TILE rows: tiles = [count, (expert, start, end) x count];
+//  2. a workgroup scan of the counts gives expert offsets; each expert's rows are cut into
+//     tiles of at most `tile` rows: tiles = [count, (expert, start, end) x count];
 //  3. every pair gets its row in expert-sorted order: pair_pos[t k + j] = offset + rank and
 //     sorted[row] = t (the token whose hidden state that row reads).
-// Prelude: MAX_E (capacity of the counters), MAX_K.
+// Prelude: MAX_E (capacity of the counters, at most 512: two experts per invocation), MAX_K.
 struct Params {
     tokens: u32,
     experts: u32,
@@ -27,6 +27,8 @@ var<immediate> p: Params;
 
 var<workgroup> counts: array<atomic<u32>, MAX_E>;
 var<workgroup> offsets: array<u32, MAX_E>;
+var<workgroup> scan_rows: array<u32, 256>;
+var<workgroup> scan_tiles: array<u32, 256>;
 
 @compute @workgroup_size(256)
 fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
@@ -87,21 +89,54 @@ fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg:
         }
     }
     workgroupBarrier();
-    if li == 0u {
-        var off = 0u;
+    // Expert offsets and tiles: each invocation owns experts 2 li and 2 li + 1; inclusive
+    // scans (Hillis-Steele) of their row and tile counts give where each expert starts.
+    let e0 = 2u * li;
+    var c0 = 0u;
+    var c1 = 0u;
+    if e0 < p.experts {
+        c0 = atomicLoad(&counts[e0]);
+    }
+    if e0 + 1u < p.experts {
+        c1 = atomicLoad(&counts[e0 + 1u]);
+    }
+    let t0 = (c0 + p.tile - 1u) / p.tile;
+    let t1 = (c1 + p.tile - 1u) / p.tile;
+    scan_rows[li] = c0 + c1;
+    scan_tiles[li] = t0 + t1;
+    workgroupBarrier();
+    for (var d = 1u; d < 256u; d *= 2u) {
+        var r = 0u;
         var n = 0u;
-        for (var e = 0u; e < p.experts; e++) {
-            let c = atomicLoad(&counts[e]);
-            offsets[e] = off;
-            for (var s = 0u; s < c; s += p.tile) {
-                tiles[1u + 3u * n] = e;
-                tiles[2u + 3u * n] = off + s;
-                tiles[3u + 3u * n] = off + min(c, s + p.tile);
-                n++;
-            }
-            off += c;
+        if li >= d {
+            r = scan_rows[li - d];
+            n = scan_tiles[li - d];
         }
-        tiles[0] = n;
+        workgroupBarrier();
+        scan_rows[li] += r;
+        scan_tiles[li] += n;
+        workgroupBarrier();
+    }
+    let row0 = scan_rows[li] - c0 - c1;
+    let tile0 = scan_tiles[li] - t0 - t1;
+    if e0 < p.experts {
+        offsets[e0] = row0;
+        for (var s = 0u; s < t0; s++) {
+            tiles[1u + 3u * (tile0 + s)] = e0;
+            tiles[2u + 3u * (tile0 + s)] = row0 + s * p.tile;
+            tiles[3u + 3u * (tile0 + s)] = row0 + min(c0, (s + 1u) * p.tile);
+        }
+    }
+    if e0 + 1u < p.experts {
+        offsets[e0 + 1u] = row0 + c0;
+        for (var s = 0u; s < t1; s++) {
+            tiles[1u + 3u * (tile0 + t0 + s)] = e0 + 1u;
+            tiles[2u + 3u * (tile0 + t0 + s)] = row0 + c0 + s * p.tile;
+            tiles[3u + 3u * (tile0 + t0 + s)] = row0 + c0 + min(c1, (s + 1u) * p.tile);
+        }
+    }
+    if li == 255u {
+        tiles[0] = scan_tiles[255];
     }
     storageBarrier();
     workgroupBarrier();
