@@ -8,7 +8,9 @@ bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 if [ "$(uname -s)" = Linux ]; then export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}; fi
 bash scripts/fetch-assets.sh --tests
-cargo test --workspace --locked
+# Release mode: the dependencies compile once for the tests, the server binary and the
+# Python package (and lavapipe runs the same GPU work either way).
+cargo test --workspace --release --locked
 # End to end: the server with the real `openai` client, and the Python package.
 cargo build --release --locked --bin vllm-apple
 [ -x .cache/venv/bin/python ] || python3 -m venv .cache/venv
