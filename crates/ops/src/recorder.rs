@@ -338,21 +338,9 @@ pub fn read_timestamps(
     enc.resolve_query_set(queries, 0..n, &resolve, 0);
     enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
     step.sync()?;
-    let slice = read.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait_idle()?;
-    rx.recv()
-        .map_err(|e| OpsError::Gpu(e.to_string()))?
-        .map_err(|e| OpsError::Gpu(e.to_string()))?;
-    let ticks = slice
-        .get_mapped_range()
-        .map_err(|e| OpsError::Gpu(e.to_string()))?
+    let ticks = crate::tensor::read_mapped(ctx, &read)?
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
-    read.unmap();
     Ok(ticks)
 }

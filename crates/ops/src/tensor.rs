@@ -243,20 +243,7 @@ impl Tensor {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(self.buf.raw(), self.offset, &staging, 0, size);
         ctx.queue.submit([enc.finish()]);
-        let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.wait_idle()?;
-        rx.recv()
-            .map_err(|e| OpsError::Gpu(e.to_string()))?
-            .map_err(|e| OpsError::Gpu(e.to_string()))?;
-        let mut out = slice
-            .get_mapped_range()
-            .map_err(|e| OpsError::Gpu(e.to_string()))?
-            .to_vec();
-        staging.unmap();
+        let mut out = read_mapped(ctx, &staging)?;
         out.truncate(self.nbytes() as usize);
         Ok(out)
     }
@@ -368,4 +355,24 @@ mod tests {
             );
         }
     }
+}
+
+/// Maps a `MAP_READ` buffer whose copy has been submitted, waits for the GPU, and returns
+/// its bytes.
+pub(crate) fn read_mapped(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+    let slice = buffer.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    rx.recv()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .map_err(|e| OpsError::Gpu(e.to_string()))?;
+    let out = slice
+        .get_mapped_range()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .to_vec();
+    buffer.unmap();
+    Ok(out)
 }

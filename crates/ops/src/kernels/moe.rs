@@ -22,15 +22,20 @@ use crate::tensor::Tensor;
 use crate::weight::Weight;
 
 const ROUTE: &str = wgsl!("moe_route.wgsl");
-const GEMV: &str = wgsl!("moe_gemv.wgsl");
+const GEMV: &str = concat!(
+    wgsl!("moe_bindings.wgsl"),
+    include_str!("wgsl/moe_gemv.wgsl")
+);
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
 const COOP_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
+    include_str!("wgsl/moe_bindings.wgsl"),
     include_str!("wgsl/moe_coop.wgsl"),
     include_str!("wgsl/gemm_coop.wgsl")
 );
 const COOP_VEC: &str = concat!(
     wgsl!("gemm_coop_stage_vec.wgsl"),
+    include_str!("wgsl/moe_bindings.wgsl"),
     include_str!("wgsl/moe_coop.wgsl"),
     include_str!("wgsl/gemm_coop.wgsl")
 );

@@ -1,19 +1,7 @@
 // Front of gemm_coop.wgsl for the experts of a MoE layer (see moe_gemv.wgsl for the
 // routing tiles, GATHER and ACT): workgroup (x, y) = (column tile, routing tile); the rows
 // are the tile's, the weights its expert's. Tiles hold at most 8 S rows.
-struct Params {
-    n: u32,
-    k: u32,
-    e0: u32,
-    e_count: u32,
-}
-var<immediate> p: Params;
-
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> tiles: array<u32>;
-@group(0) @binding(4) var<storage, read> sorted: array<u32>;
+// Params and bindings: moe_bindings.wgsl.
 
 var<private> first: u32;
 var<private> rows: u32;

@@ -9,19 +9,7 @@
 // Weights: this dispatch's chunk holds experts [e0, e0 + e_count), n rows each.
 // Weights f32 (W_DTYPE 0, K % 4 == 0) or f16 / bf16 (K % 8 == 0).
 // Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER.
-struct Params {
-    n: u32,
-    k: u32,
-    e0: u32,
-    e_count: u32,
-}
-var<immediate> p: Params;
-
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> tiles: array<u32>;
-@group(0) @binding(4) var<storage, read> sorted: array<u32>;
+// Params and bindings: moe_bindings.wgsl.
 
 const GROUPS: u32 = WG / TPR;
 const ACC: u32 = MT * RPT;
