@@ -329,6 +329,26 @@ impl GpuContext {
     }
 }
 
+/// Maps a `MAP_READ` buffer whose copy has been submitted, waits for the GPU, and returns
+/// its bytes.
+pub(crate) fn read_mapped(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+    let slice = buffer.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    rx.recv()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .map_err(|e| OpsError::Gpu(e.to_string()))?;
+    let out = slice
+        .get_mapped_range()
+        .map_err(|e| OpsError::Gpu(e.to_string()))?
+        .to_vec();
+    buffer.unmap();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::size_class;
@@ -355,24 +375,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Maps a `MAP_READ` buffer whose copy has been submitted, waits for the GPU, and returns
-/// its bytes.
-pub(crate) fn read_mapped(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
-    let slice = buffer.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait_idle()?;
-    rx.recv()
-        .map_err(|e| OpsError::Gpu(e.to_string()))?
-        .map_err(|e| OpsError::Gpu(e.to_string()))?;
-    let out = slice
-        .get_mapped_range()
-        .map_err(|e| OpsError::Gpu(e.to_string()))?
-        .to_vec();
-    buffer.unmap();
-    Ok(out)
 }
