@@ -6,6 +6,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::gguf::{Gguf, Value};
@@ -16,7 +18,9 @@ pub enum TokenizerError {
     Missing(String),
     #[error("tokenizer model '{0}' is not supported yet (byte-level BPE 'gpt2' is)")]
     UnsupportedModel(String),
-    #[error("pre-tokenizer '{0}' is not supported yet (supported: smollm, gpt2)")]
+    #[error(
+        "pre-tokenizer '{0}' is not supported yet (supported: gpt2, smollm, qwen2, llama-bpe)"
+    )]
     UnsupportedPre(String),
     #[error("tokenizer: {0}")]
     Tokenizers(String),
@@ -84,10 +88,33 @@ impl GgufTokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
             .unwrap_or("gpt2");
+        // The regex splits of llama.cpp's pre-tokenizer names (as the models' tokenizer.json
+        // have them), then the byte-level mapping without GPT-2's own regex.
+        let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into())
+        };
         let pre_tok: PreTokenizerWrapper = match pre {
             // SmolLM's tokenizer.json: single digits, then GPT-2's byte-level split.
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
             "gpt2" | "default" => byte_level.into(),
+            // Qwen2 / Qwen2.5 / Qwen3: digits one at a time.
+            "qwen2" => split_then_bytes(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?,
+            // Llama 3: digits in groups of up to three.
+            "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytes(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?,
             other => return Err(TokenizerError::UnsupportedPre(other.into())),
         };
         inner.with_pre_tokenizer(Some(pre_tok));
