@@ -152,5 +152,7 @@ def test_32_concurrent_streams(server, client):
         assert finish == want_finish[i], (i, finish)
         assert text == want_text[i], (i, text, want_text[i])
     assert metric(server, "vllm:time_to_first_token_seconds_count") >= 32
+    # Time to first token counts from submission: real prefills take measurable time.
+    assert metric(server, "vllm:time_to_first_token_seconds_sum") > 0.01
     # The non-streamed batch and the 32 streams generated the same tokens.
     assert metric(server, "vllm:generation_tokens_total") >= 2 * want.usage.completion_tokens

@@ -225,10 +225,11 @@ async fn collect(
     s: &AppState,
     rxs: Vec<UnboundedReceiver<Event>>,
 ) -> Result<Vec<RequestOutput>, ApiError> {
+    let start = Instant::now();
     let mut outs = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
         let mut timing = Timing {
-            start: Instant::now(),
+            start,
             last: None,
             tokens: 0,
         };
@@ -487,6 +488,8 @@ fn stream_response(
     chat: bool,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    // Submitted just before: time to first token counts from here.
+    let start = Instant::now();
     let holdback = params.output_text_buffer_length();
     let want_logprobs = params.logprobs.is_some();
     let streams = rxs
@@ -512,8 +515,8 @@ fn stream_response(
             timings.resize_with(pi + 1, || None);
         }
         timings[pi]
-            .get_or_insert_with(|| Timing {
-                start: Instant::now(),
+            .get_or_insert(Timing {
+                start,
                 last: None,
                 tokens: 0,
             })
