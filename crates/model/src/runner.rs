@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use vllm_apple_ops::kernels::argmax;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
 use vllm_apple_ops::kv_cache::KvCache;
-use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
+use vllm_apple_ops::{DType, GpuContext, OpsError, Step, Tensor};
 
 use crate::decoder::{DecoderModel, ModelError};
 
@@ -99,6 +99,72 @@ fn one_step(
     Ok(dist.sample(rng) as u32)
 }
 
+/// Greedy decode with step N + 1 recorded and submitted before step N's id is read back:
+/// the next step's input is step N's argmax, still on the GPU, so host recording overlaps
+/// the GPU's work (vLLM's async scheduling, for one sequence). When a stop token comes
+/// back, the step already in flight is wasted (its KV write lands in the sequence's own
+/// blocks, past its end).
+#[allow(clippy::too_many_arguments)]
+fn greedy_pipelined(
+    ctx: &GpuContext,
+    model: &DecoderModel,
+    kv: &KvCache,
+    table: &[u32],
+    prompt_len: usize,
+    first: u32,
+    max_tokens: usize,
+    stop: &[u32],
+    opts: &AttentionOptions,
+    host: &mut HostTimes,
+) -> Result<Vec<u32>, ModelError> {
+    let mut ids = vec![first];
+    if stop.contains(&first) || max_tokens <= 1 {
+        return Ok(ids);
+    }
+    let last = ctx.upload_u32(&[1], &[0])?;
+    // Records the decode step of the token at `position` (its id in `input`).
+    let launch = |input: &Tensor, position: usize, host: &mut HostTimes| -> Result<_, ModelError> {
+        let t0 = Instant::now();
+        let seq = SeqSlice {
+            block_table: table,
+            num_cached: position,
+            num_new: 1,
+        };
+        let meta = HostMetadata::build(&[seq], BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
+        let out = ctx.empty(&[1], DType::U32)?;
+        let mut step = Step::new(ctx);
+        let logits = model.forward(&mut step, input, &meta, kv, &last, opts)?;
+        argmax::argmax(&mut step, &logits, &out)?;
+        let rb = step.readback(&out)?;
+        host.record += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let idx = step.submit()?;
+        host.submit += t1.elapsed().as_secs_f64();
+        Ok((out, rb, idx))
+    };
+    let first_t = ctx.upload_u32(&[1], &[first])?;
+    let mut in_flight = launch(&first_t, prompt_len, host)?;
+    let mut submitted = 2; // tokens produced or in flight
+    loop {
+        let (out, rb, idx) = in_flight;
+        let ahead = if submitted < max_tokens {
+            submitted += 1;
+            Some(launch(&out, prompt_len + submitted - 2, host)?)
+        } else {
+            None
+        };
+        let bytes = rb.read(ctx, idx)?;
+        let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        ids.push(id);
+        match ahead {
+            Some(next) if !stop.contains(&id) => in_flight = next,
+            _ => break,
+        }
+    }
+    ctx.wait_idle()?;
+    Ok(ids)
+}
+
 /// Continuation of `prompt` for up to `max_tokens` tokens, stopping after any id in `stop`.
 pub fn generate(
     ctx: &GpuContext,
@@ -157,6 +223,27 @@ pub fn generate(
     )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
+    if sampler.is_none() {
+        ids = greedy_pipelined(
+            ctx,
+            model,
+            &kv,
+            &table,
+            prompt.len(),
+            next,
+            max_tokens,
+            stop,
+            opts,
+            &mut host,
+        )?;
+        return Ok(Generated {
+            ids,
+            prefill_seconds,
+            decode_seconds: t1.elapsed().as_secs_f64(),
+            decode_record_seconds: host.record,
+            decode_submit_seconds: host.submit,
+        });
+    }
     while ids.len() < max_tokens {
         ids.push(next);
         if stop.contains(&next) || ids.len() == max_tokens {

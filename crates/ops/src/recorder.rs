@@ -305,6 +305,28 @@ impl<'c> Step<'c> {
         Ok(idx)
     }
 
+    /// Records a copy of `t` into a host-readable buffer at this point of the step, to be
+    /// read after the step's submission completes (`Readback::read`), without waiting
+    /// for later submissions.
+    pub fn readback(&mut self, t: &Tensor) -> Result<Readback> {
+        let size = t.nbytes().next_multiple_of(4);
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let offset = t.offset();
+        let src = t.buffer().clone();
+        self.encoder()?
+            .copy_buffer_to_buffer(&src, offset, &buffer, 0, size);
+        self.keep.push(t.clone());
+        Ok(Readback {
+            buffer,
+            len: t.nbytes() as usize,
+        })
+    }
+
     /// Submits and waits for completion, surfacing any GPU validation error.
     pub fn submit_and_wait(self) -> Result<()> {
         let ctx = self.ctx;
@@ -343,4 +365,20 @@ pub fn read_timestamps(
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
     Ok(ticks)
+}
+
+/// A copy of a tensor recorded by `Step::readback`.
+pub struct Readback {
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+impl Readback {
+    /// The bytes, once submission `idx` (the step that recorded the copy) has completed;
+    /// later submissions may still be running.
+    pub fn read(self, ctx: &GpuContext, idx: wgpu::SubmissionIndex) -> Result<Vec<u8>> {
+        let mut out = crate::tensor::read_mapped_after(ctx, &self.buffer, idx)?;
+        out.truncate(self.len);
+        Ok(out)
+    }
 }

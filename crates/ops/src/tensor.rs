@@ -332,12 +332,40 @@ impl GpuContext {
 /// Maps a `MAP_READ` buffer whose copy has been submitted, waits for the GPU, and returns
 /// its bytes.
 pub(crate) fn read_mapped(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+    map_and_read(ctx, buffer, None)
+}
+
+/// `read_mapped` waiting only for submission `idx`.
+pub(crate) fn read_mapped_after(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    idx: wgpu::SubmissionIndex,
+) -> Result<Vec<u8>> {
+    map_and_read(ctx, buffer, Some(idx))
+}
+
+fn map_and_read(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    idx: Option<wgpu::SubmissionIndex>,
+) -> Result<Vec<u8>> {
     let slice = buffer.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    ctx.wait_idle()?;
+    match idx {
+        None => ctx.wait_idle()?,
+        Some(i) => {
+            ctx.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(i),
+                    timeout: None,
+                })
+                .map_err(|e| OpsError::Gpu(e.to_string()))?;
+            ctx.take_gpu_error()?;
+        }
+    }
     rx.recv()
         .map_err(|e| OpsError::Gpu(e.to_string()))?
         .map_err(|e| OpsError::Gpu(e.to_string()))?;
