@@ -39,22 +39,6 @@ impl Weight {
         Self::upload_chunked(ctx, label, n, k, dtype, bytes, ctx.max_binding_bytes())
     }
 
-    /// Like `upload`, for a stack of `n / group_rows` matrices of `group_rows` rows each
-    /// (experts): chunks hold whole groups, so a kernel finds each group in one binding.
-    #[allow(clippy::too_many_arguments)]
-    pub fn upload_grouped(
-        ctx: &GpuContext,
-        label: &str,
-        n: usize,
-        k: usize,
-        dtype: DType,
-        bytes: &[u8],
-        group_rows: usize,
-        max_chunk_bytes: u64,
-    ) -> Result<Weight> {
-        Self::upload_aligned(ctx, label, n, k, dtype, bytes, max_chunk_bytes, group_rows)
-    }
-
     /// Like `upload`, with chunks of at most `max_chunk_bytes` (tests use small values to
     /// exercise the split path on small shapes).
     pub fn upload_chunked(
@@ -66,19 +50,22 @@ impl Weight {
         bytes: &[u8],
         max_chunk_bytes: u64,
     ) -> Result<Weight> {
-        Self::upload_aligned(ctx, label, n, k, dtype, bytes, max_chunk_bytes, 64)
+        Self::upload_grouped(ctx, label, n, k, dtype, bytes, 64, max_chunk_bytes)
     }
 
+    /// Like `upload`, for a stack of `n / group_rows` matrices of `group_rows` rows each
+    /// (experts): chunks hold whole groups, so a kernel finds each group in one binding
+    /// (plain matrices use groups of 64 rows, so GEMM tiles never straddle chunks).
     #[allow(clippy::too_many_arguments)]
-    fn upload_aligned(
+    pub fn upload_grouped(
         ctx: &GpuContext,
         label: &str,
         n: usize,
         k: usize,
         dtype: DType,
         bytes: &[u8],
+        group_rows: usize,
         max_chunk_bytes: u64,
-        align: usize,
     ) -> Result<Weight> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(OpsError::DType {
@@ -95,7 +82,7 @@ impl Weight {
             ));
         }
         let cap = max_chunk_bytes.min(ctx.max_binding_bytes());
-        let rows_per_chunk = rows_per_chunk(label, n, row_bytes, cap, align)?;
+        let rows_per_chunk = rows_per_chunk(label, n, row_bytes, cap, group_rows)?;
         let mut chunks = Vec::new();
         let mut row_start = 0;
         while row_start < n {
