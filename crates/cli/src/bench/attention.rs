@@ -29,6 +29,10 @@ pub struct Args {
     /// Give each sequence consecutive blocks instead of interleaving them across sequences.
     #[arg(long)]
     contiguous: bool,
+    /// Split-K partition length for decode (positions per split) instead of the automatic
+    /// plan; a length of at least the context means a single pass.
+    #[arg(long)]
+    partition: Option<usize>,
 }
 
 const SHAPE: AttnShape = AttnShape {
@@ -43,7 +47,6 @@ struct Setup {
     meta: attention::AttnMetadata,
     qkv: vllm_apple_ops::Tensor,
     out: vllm_apple_ops::Tensor,
-    splits: usize,
 }
 
 impl Setup {
@@ -100,16 +103,11 @@ fn setup(
     let row = (SHAPE.q_heads + 2 * SHAPE.kv_heads) * SHAPE.head_dim;
     let qkv = ctx.upload_f32(&[t, row], DType::F32, &vec![0.01; t * row])?;
     let out = ctx.empty(&[t, SHAPE.q_heads * SHAPE.head_dim], DType::F32)?;
-    let splits = match attention::plan_partition(&AttentionOptions::default(), &meta, SHAPE) {
-        Some(p) => meta.max_ctx.div_ceil(p),
-        None => 1,
-    };
     Ok(Setup {
         cache,
         meta,
         qkv,
         out,
-        splits,
     })
 }
 
@@ -132,7 +130,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         copy_bw / 1e9
     );
     println!("shape: {} q heads, {} kv heads, head_dim {}, block {BLOCK}, f16 cache; KV write + attention per step", SHAPE.q_heads, SHAPE.kv_heads, SHAPE.head_dim);
-    let fused = AttentionOptions::default();
+    let fused = AttentionOptions {
+        partition: args.partition,
+        ..AttentionOptions::default()
+    };
     let scale = 1.0 / (SHAPE.head_dim as f32).sqrt();
 
     println!();
@@ -153,7 +154,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 b,
                 c,
                 b * c,
-                s.splits,
+                match attention::plan_partition(&fused, &s.meta, SHAPE) {
+                    Some(p) => s.meta.max_ctx.div_ceil(p),
+                    None => 1,
+                },
                 t * 1e6,
                 kv_bytes / t / 1e9,
                 100.0 * kv_bytes / t / copy_bw
