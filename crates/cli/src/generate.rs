@@ -15,7 +15,8 @@ const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 #[derive(ClapArgs)]
 pub struct Args {
     /// A GGUF file, a Hugging Face folder (config.json + safetensors + tokenizer.json), or a
-    /// hub id such as Qwen/Qwen3-0.6B found in the local Hugging Face cache.
+    /// hub id such as Qwen/Qwen3-0.6B (from the local Hugging Face cache, downloaded
+    /// into it when online).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
     /// Tokens to generate per prompt.

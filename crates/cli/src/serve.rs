@@ -7,7 +7,8 @@ use vllm_apple_ops::{ContextOptions, GpuContext};
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// A GGUF file, a Hugging Face folder, or a hub id in the local Hugging Face cache.
+    /// A GGUF file, a Hugging Face folder, or a hub id (from the local Hugging Face cache,
+    /// downloaded into it when online).
     model: String,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
