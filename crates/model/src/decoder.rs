@@ -697,11 +697,16 @@ impl DecoderModel {
             attention::attention(step, opts, &inputs, &attn)?;
             matmul::matmul(step, &attn, &layer.o, &proj)?;
             rmsnorm::add_rmsnorm(step, &proj, &residual, &layer.ffn_norm, c.rms_eps, &normed)?;
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.final_norm, |l| &l.attn_norm);
             match (&layer.mlp, &gate_up, &act, &moe_scratch) {
                 (Mlp::Dense { gate_up: w1, down }, Some(gu), Some(a), _) => {
                     matmul::matmul(step, &normed, w1, gu)?;
                     activation::silu_mul(step, gu, a)?;
                     matmul::matmul(step, a, down, &proj)?;
+                    rmsnorm::add_rmsnorm(step, &proj, &residual, next_norm, c.rms_eps, &normed)?;
                 }
                 (
                     Mlp::Moe {
@@ -712,18 +717,19 @@ impl DecoderModel {
                     _,
                     _,
                     Some(s),
-                ) => moe::moe_with(step, &normed, router, experts, shape, s, &proj)?,
+                ) => {
+                    // The combine, the residual add and the next norm in one dispatch.
+                    moe::moe_rows(step, &normed, router, experts, shape, s)?;
+                    moe::combine_add_rmsnorm(
+                        step, &s.rows, &s.routing, &residual, next_norm, c.rms_eps, &normed,
+                    )?;
+                }
                 _ => {
                     return Err(ModelError::Ops(OpsError::Gpu(
                         "MLP scratch missing for a layer kind (config and weights disagree)".into(),
                     )))
                 }
             }
-            let next_norm = self
-                .layers
-                .get(i + 1)
-                .map_or(&self.final_norm, |l| &l.attn_norm);
-            rmsnorm::add_rmsnorm(step, &proj, &residual, next_norm, c.rms_eps, &normed)?;
         }
         // The rows that need logits, gathered with the embedding kernel over the hidden states.
         let r = logit_rows.numel();

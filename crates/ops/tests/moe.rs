@@ -381,3 +381,51 @@ fn moe_rejects_bad_shapes() {
         );
     }
 }
+
+/// The combine fused with the residual add and the next RMSNorm, against the CPU.
+#[test]
+fn combine_add_rmsnorm_matches_cpu() {
+    let ctx = ctx();
+    let mut r = rng(49);
+    let (t, e, k, h) = (7usize, 12usize, 3usize, 200usize);
+    let shape = MoeShape {
+        experts: e,
+        top_k: k,
+        norm_topk: true,
+    };
+    let logits = randn(&mut r, t * e, 2.0);
+    let lt = ctx.upload_f32(&[t, e], DType::F32, &logits).unwrap();
+    let rows = randn(&mut r, t * k * h, 1.0);
+    let resid = randn(&mut r, t * h, 1.0);
+    let w = randn(&mut r, h, 1.0);
+    let rows_t = ctx.upload_f32(&[t * k, h], DType::F32, &rows).unwrap();
+    let resid_t = ctx.upload_f32(&[t, h], DType::F32, &resid).unwrap();
+    let w_t = ctx.upload_f32(&[h], DType::F32, &w).unwrap();
+    let out = ctx.empty(&[t, h], DType::F32).unwrap();
+    out.poison(ctx);
+    let mut s = Step::new(ctx);
+    let routing = moe::route(&mut s, &lt, &shape, 4).unwrap();
+    moe::combine_add_rmsnorm(&mut s, &rows_t, &routing, &resid_t, &w_t, 1e-6, &out).unwrap();
+    s.submit_and_wait().unwrap();
+    let pos = routing.pair_pos.to_u32_vec(ctx).unwrap();
+    let ws = routing.topk_w.to_f32_vec(ctx).unwrap();
+    let mut want_resid = resid.clone();
+    for ti in 0..t {
+        for i in 0..h {
+            let mut acc = 0f64;
+            for j in 0..k {
+                let pair = ti * k + j;
+                acc += ws[pair] as f64 * rows[pos[pair] as usize * h + i] as f64;
+            }
+            want_resid[ti * h + i] += acc as f32;
+        }
+    }
+    let want = vllm_apple_ops::kernels::rmsnorm::cpu::rmsnorm(&want_resid, &w, 1e-6);
+    assert_close(
+        "residual",
+        &resid_t.to_f32_vec(ctx).unwrap(),
+        &want_resid,
+        1e-5,
+    );
+    assert_close("normed", &out.to_f32_vec(ctx).unwrap(), &want, 1e-5);
+}

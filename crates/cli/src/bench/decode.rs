@@ -93,7 +93,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         bytes / 1e9
     );
     if let Some(n) = model.moe_layer_dispatches() {
-        println!("MoE layer: {n} dispatches (router GEMM, routing, gate/up, down, combine)");
+        println!("MoE layer: {n} dispatches (router GEMM, routing, gate/up, down, combine + residual + next RMSNorm)");
     }
     println!(
         "device: {} ({:?}); copy kernel {:.1} GB/s",

@@ -529,6 +529,20 @@ pub fn experts_from_logits(
     expect_len("moe", "y", y, t * h)?;
     expect_len("moe", "scratch rows", &s.rows, t * shape.top_k * h)?;
     expect_len("moe", "scratch act", &s.act, t * shape.top_k * f)?;
+    expert_rows(step, x, experts, shape, s)?;
+    combine(step, &s.rows, &s.routing, y)
+}
+
+/// Routing and the grouped expert GEMMs (steps 2 to 4), leaving each pair's output in
+/// `s.rows` for `combine` or `combine_add_rmsnorm`; the router logits are in `s.logits`.
+pub fn expert_rows(
+    step: &mut Step,
+    x: &Tensor,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    s: &MoeScratch,
+) -> Result<()> {
+    let (h, f) = (experts.hidden, experts.ffn);
     route_into(step, &s.logits, shape, &s.routing)?;
     grouped(
         step,
@@ -551,8 +565,65 @@ pub fn experts_from_logits(
         false,
         false,
         s.cfg,
+    )
+}
+
+/// Router GEMM, routing and expert GEMMs of a MoE layer (everything but the combine), for
+/// a caller that fuses the combine with what follows (`combine_add_rmsnorm`).
+pub fn moe_rows(
+    step: &mut Step,
+    x: &Tensor,
+    router: &Weight,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    scratch: &MoeScratch,
+) -> Result<()> {
+    if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
+        return Err(shape_err(
+            "moe",
+            "router and experts do not match the MoE shape",
+        ));
+    }
+    expect_dtype("moe", x, DType::F32)?;
+    matmul::matmul(step, x, router, &scratch.logits)?;
+    expert_rows(step, x, experts, shape, scratch)
+}
+
+/// The combine fused with the residual add and the next RMSNorm, one dispatch:
+/// `residual[t] += sum_j topk_w[t, j] rows[pair_pos[t, j]]; out = rmsnorm(residual) * w`.
+pub fn combine_add_rmsnorm(
+    step: &mut Step,
+    rows: &Tensor,
+    r: &Routing,
+    residual: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    out: &Tensor,
+) -> Result<()> {
+    let h = w.numel();
+    expect_dtype("moe combine + rmsnorm", residual, DType::F32)?;
+    expect_len(
+        "moe combine + rmsnorm",
+        "rows",
+        rows,
+        r.tokens * r.top_k * h,
     )?;
-    combine(step, &s.rows, &s.routing, y)
+    expect_len("moe combine + rmsnorm", "residual", residual, r.tokens * h)?;
+    expect_len("moe combine + rmsnorm", "out", out, r.tokens * h)?;
+    let params = [r.tokens as u32, h as u32, eps.to_bits()];
+    step.dispatch_at(
+        &super::rmsnorm::moe_kernel(r.top_k),
+        &[
+            (0, rows),
+            (1, residual),
+            (2, w),
+            (3, out),
+            (4, &r.topk_w),
+            (5, &r.pair_pos),
+        ],
+        &params,
+        grid(step.ctx, r.tokens),
+    )
 }
 
 /// `y[t] = sum_j topk_w[t, j] rows[pair_pos[t, j]]`.

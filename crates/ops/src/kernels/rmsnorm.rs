@@ -7,14 +7,25 @@ use crate::pipeline::Kernel;
 use crate::recorder::{grid, Step};
 use crate::tensor::Tensor;
 
-const SRC: &str = wgsl!("rmsnorm.wgsl");
+const SRC: &str = concat!(
+    wgsl!("rmsnorm_plain.wgsl"),
+    include_str!("wgsl/rmsnorm.wgsl")
+);
+const SRC_MOE: &str = concat!(wgsl!("rmsnorm_moe.wgsl"), include_str!("wgsl/rmsnorm.wgsl"));
 
 fn kernel(add: bool) -> Kernel {
     Kernel::new("rmsnorm.wgsl", SRC, "add_rmsnorm").bool("ADD_RESIDUAL", add)
 }
 
+/// The variant whose layer output is the weighted sum of `k` expert rows per token.
+pub(crate) fn moe_kernel(k: usize) -> Kernel {
+    Kernel::new("rmsnorm.wgsl+moe", SRC_MOE, "add_rmsnorm")
+        .bool("ADD_RESIDUAL", true)
+        .u32("K", k as u32)
+}
+
 pub(crate) fn variants() -> Vec<Kernel> {
-    vec![kernel(false), kernel(true)]
+    vec![kernel(false), kernel(true), moe_kernel(8)]
 }
 
 fn check(x: &Tensor, w: &Tensor, out: &Tensor) -> Result<(usize, usize)> {

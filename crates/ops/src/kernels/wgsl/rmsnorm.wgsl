@@ -1,13 +1,8 @@
-// RMSNorm over rows of f32 hidden states, one workgroup per row; `add_rmsnorm` first adds
-// the layer output into the residual stream (in place), then normalises the sum.
-struct Params {
-    m: u32,
-    h: u32,
-    eps: f32,
-}
-var<immediate> p: Params;
-
-@group(0) @binding(0) var<storage, read> x: array<f32>;
+// RMSNorm over rows of f32 hidden states, one workgroup per row; with ADD_RESIDUAL it
+// first adds the layer output into the residual stream (in place), then normalises the
+// sum. The front in front of this file gives `layer_out(row, i)`, the layer output
+// (rmsnorm_plain.wgsl: a row of x; rmsnorm_moe.wgsl: the weighted sum of a token's expert
+// rows), and the bindings beyond these:
 @group(0) @binding(1) var<storage, read_write> residual: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
@@ -23,7 +18,7 @@ fn add_rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     let base = row * p.h;
     var ss = 0.0;
     for (var i = li; i < p.h; i += 256u) {
-        var v = x[base + i];
+        var v = layer_out(row, i);
         if ADD_RESIDUAL {
             v += residual[base + i];
             residual[base + i] = v;
@@ -37,7 +32,7 @@ fn add_rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         if ADD_RESIDUAL {
             v = residual[base + i];
         } else {
-            v = x[base + i];
+            v = layer_out(row, i);
         }
         out[base + i] = v * scale * w[i];
     }
