@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use vllm_apple_ops::kernels::argmax;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
 use vllm_apple_ops::kv_cache::KvCache;
+use vllm_apple_ops::recorder::Readback;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step, Tensor};
 
 use crate::decoder::{DecoderModel, ModelError};
@@ -122,8 +123,16 @@ fn greedy_pipelined(
         return Ok(ids);
     }
     let last = ctx.upload_u32(&[1], &[0])?;
-    // Records the decode step of the token at `position` (its id in `input`).
-    let launch = |input: &Tensor, position: usize, host: &mut HostTimes| -> Result<_, ModelError> {
+    // Two read-back buffers, alternating: one for the step being read, one for the step in
+    // flight.
+    let readbacks = [Readback::new(ctx, 4), Readback::new(ctx, 4)];
+    // Records the decode step of the token at `position` (its id in `input`), copying its
+    // id into `rb`.
+    let launch = |input: &Tensor,
+                  position: usize,
+                  rb: usize,
+                  host: &mut HostTimes|
+     -> Result<_, ModelError> {
         let t0 = Instant::now();
         let seq = SeqSlice {
             block_table: table,
@@ -135,7 +144,7 @@ fn greedy_pipelined(
         let mut step = Step::new(ctx);
         let logits = model.forward(&mut step, input, &meta, kv, &last, opts)?;
         argmax::argmax(&mut step, &logits, &out)?;
-        let rb = step.readback(&out)?;
+        step.readback_into(&out, &readbacks[rb])?;
         host.record += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let idx = step.submit()?;
@@ -143,17 +152,17 @@ fn greedy_pipelined(
         Ok((out, rb, idx))
     };
     let first_t = ctx.upload_u32(&[1], &[first])?;
-    let mut in_flight = launch(&first_t, prompt_len, host)?;
+    let mut in_flight = launch(&first_t, prompt_len, 0, host)?;
     let mut submitted = 2; // tokens produced or in flight
     loop {
         let (out, rb, idx) = in_flight;
         let ahead = if submitted < max_tokens {
             submitted += 1;
-            Some(launch(&out, prompt_len + submitted - 2, host)?)
+            Some(launch(&out, prompt_len + submitted - 2, 1 - rb, host)?)
         } else {
             None
         };
-        let bytes = rb.read(ctx, idx)?;
+        let bytes = readbacks[rb].read(ctx, idx)?;
         let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         ids.push(id);
         match ahead {

@@ -305,26 +305,32 @@ impl<'c> Step<'c> {
         Ok(idx)
     }
 
-    /// Records a copy of `t` into a host-readable buffer at this point of the step, to be
-    /// read after the step's submission completes (`Readback::read`), without waiting
+    /// Records a copy of `t` into a new host-readable buffer at this point of the step, to
+    /// be read after the step's submission completes (`Readback::read`), without waiting
     /// for later submissions.
     pub fn readback(&mut self, t: &Tensor) -> Result<Readback> {
+        let rb = Readback::new(self.ctx, t.nbytes() as usize);
+        self.readback_into(t, &rb)?;
+        Ok(rb)
+    }
+
+    /// `readback` into an existing buffer (read, hence unmapped, since its last use), so a
+    /// loop can reuse a few instead of creating one per step.
+    pub fn readback_into(&mut self, t: &Tensor, rb: &Readback) -> Result<()> {
+        if t.nbytes() as usize != rb.len {
+            return Err(OpsError::Config(format!(
+                "readback of {} bytes into a buffer of {}",
+                t.nbytes(),
+                rb.len
+            )));
+        }
         let size = t.nbytes().next_multiple_of(4);
-        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
         let offset = t.offset();
         let src = t.buffer().clone();
         self.encoder()?
-            .copy_buffer_to_buffer(&src, offset, &buffer, 0, size);
+            .copy_buffer_to_buffer(&src, offset, &rb.buffer, 0, size);
         self.keep.push(t.clone());
-        Ok(Readback {
-            buffer,
-            len: t.nbytes() as usize,
-        })
+        Ok(())
     }
 
     /// Submits and waits for completion, surfacing any GPU validation error.
@@ -374,9 +380,20 @@ pub struct Readback {
 }
 
 impl Readback {
+    /// A host-readable buffer for `len` bytes.
+    pub fn new(ctx: &GpuContext, len: usize) -> Readback {
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: (len as u64).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Readback { buffer, len }
+    }
+
     /// The bytes, once submission `idx` (the step that recorded the copy) has completed;
-    /// later submissions may still be running.
-    pub fn read(self, ctx: &GpuContext, idx: wgpu::SubmissionIndex) -> Result<Vec<u8>> {
+    /// later submissions may still be running. The buffer is unmapped again after.
+    pub fn read(&self, ctx: &GpuContext, idx: wgpu::SubmissionIndex) -> Result<Vec<u8>> {
         let mut out = crate::tensor::read_mapped_after(ctx, &self.buffer, idx)?;
         out.truncate(self.len);
         Ok(out)

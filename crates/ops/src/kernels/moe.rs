@@ -498,18 +498,8 @@ pub fn moe_with(
     scratch: &MoeScratch,
     y: &Tensor,
 ) -> Result<()> {
-    if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
-        return Err(shape_err(
-            "moe",
-            format!(
-                "router [{}, {}] and {} experts for {} experts of hidden {}",
-                router.n, router.k, experts.experts, shape.experts, experts.hidden
-            ),
-        ));
-    }
-    expect_dtype("moe", x, DType::F32)?;
-    matmul::matmul(step, x, router, &scratch.logits)?;
-    experts_from_logits(step, x, experts, shape, scratch, y)
+    moe_rows(step, x, router, experts, shape, scratch)?;
+    combine(step, &scratch.rows, &scratch.routing, y)
 }
 
 /// Steps 2 to 5 of the MoE MLP, with the router logits already in `scratch.logits`.
@@ -581,7 +571,10 @@ pub fn moe_rows(
     if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
         return Err(shape_err(
             "moe",
-            "router and experts do not match the MoE shape",
+            format!(
+                "router [{}, {}] and {} experts for {} experts of hidden {}",
+                router.n, router.k, experts.experts, shape.experts, experts.hidden
+            ),
         ));
     }
     expect_dtype("moe", x, DType::F32)?;
