@@ -162,7 +162,7 @@ mod generation {
         let plain = AttentionOptions {
             paged: false,
             fused_kv: false,
-            partition: None,
+            ..Default::default()
         };
         let again = generate(&ctx, &m, &ids, 16, &stop, &plain, Sampling::greedy()).unwrap();
         assert_eq!(again.ids, out.ids);

@@ -17,6 +17,8 @@ use vllm_apple_ops::{DType, Step};
 /// K/V are f16 in the cache and the reference reads the same f16 values, so what remains is
 /// f32 accumulation order and exp: outputs are averages of values in [-1, 1].
 const TOL: f64 = 2e-5;
+/// The cooperative-matrix kernel rounds the scaled queries and the probabilities to f16.
+const MATRIX_TOL: f64 = 3e-3;
 
 struct Case {
     shape: AttnShape,
@@ -34,7 +36,7 @@ fn all_options() -> Vec<AttentionOptions> {
             v.push(AttentionOptions {
                 paged,
                 fused_kv,
-                partition: None,
+                ..Default::default()
             });
         }
     }
@@ -47,6 +49,26 @@ fn all_options() -> Vec<AttentionOptions> {
         partition: Some(1 << 20),
         ..Default::default()
     });
+    // The scalar kernel where the default is the cooperative-matrix one, split and not.
+    for partition in [None, Some(64)] {
+        v.push(AttentionOptions {
+            partition,
+            matrices: Some(false),
+            ..Default::default()
+        });
+    }
+    // Where matrices are offered: the matrix kernel for every token (prefill too), both
+    // chunk lengths, split and not.
+    if ctx().coop.is_some() && ctx().subgroup_is(32) {
+        for (partition, chunk) in [(None, 128), (Some(256), 256), (None, 256), (Some(64), 128)] {
+            v.push(AttentionOptions {
+                partition,
+                matrices: Some(true),
+                chunk: Some(chunk),
+                ..Default::default()
+            });
+        }
+    }
     v
 }
 
@@ -106,8 +128,17 @@ fn run(case: &Case, options: &[AttentionOptions]) {
     let t = meta.positions.len();
     let qkv = randn(&mut r, t * row, 1.0);
 
-    let mut first: Option<Vec<f32>> = None;
+    let mut first: Option<(Vec<f32>, f64)> = None;
     for opts in options {
+        let chunk = opts.chunk.unwrap_or(128);
+        if opts.matrices == Some(true) && attention::matrix_fragment(ctx, s, bs, chunk).is_none() {
+            continue; // this shape or block size is not one the matrix kernel takes
+        }
+        let gm = meta.upload(ctx, bs).unwrap();
+        let tol = match attention::uses_matrices(ctx, opts, &gm, s).unwrap() {
+            Some(_) => MATRIX_TOL,
+            None => TOL,
+        };
         let cache = KvCache::new(ctx, spec, num_blocks).unwrap();
         let layer = &cache.layers[0];
         layer.k.poison(ctx);
@@ -128,7 +159,6 @@ fn run(case: &Case, options: &[AttentionOptions]) {
             attention::write_kv(&mut st, &a).unwrap();
             st.submit_and_wait().unwrap();
         }
-        let gm = meta.upload(ctx, bs).unwrap();
         let qkv_t = ctx.upload_f32(&[t, row], DType::F32, &qkv).unwrap();
         let out = ctx.empty(&[t, s.q_heads * s.head_dim], DType::F32).unwrap();
         out.poison(ctx);
@@ -174,7 +204,7 @@ fn run(case: &Case, options: &[AttentionOptions]) {
             &format!("attention {s:?} bs={bs} seqs={:?} {opts:?}", case.seqs),
             &got,
             &want,
-            TOL,
+            tol,
         );
         for (tok, c) in meta.ctx_of.iter().enumerate() {
             if *c == 0 {
@@ -186,8 +216,13 @@ fn run(case: &Case, options: &[AttentionOptions]) {
             }
         }
         match &first {
-            None => first = Some(got),
-            Some(f) => assert_close(&format!("{opts:?} vs the first option"), &got, f, TOL),
+            None => first = Some((got, tol)),
+            Some((f, t)) => assert_close(
+                &format!("{opts:?} vs the first option"),
+                &got,
+                f,
+                tol.max(*t),
+            ),
         }
     }
 }

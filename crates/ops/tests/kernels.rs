@@ -190,6 +190,11 @@ fn gemv_every_work_split() {
             tpr: 64,
             rpt: 5,
         },
+        GemvConfig {
+            wg: 128,
+            tpr: 32,
+            rpt: 3,
+        },
     ];
     for (i, cfg) in splits.into_iter().enumerate() {
         check_matmul_cfg(
@@ -290,9 +295,13 @@ fn coop_gemm_matches_reference_where_offered() {
         256 * 96 * 2,
         60,
     );
-    for (i, vec_staging) in [(0u64, false), (1, true)] {
+    // Every split the sweep compares: the tile edges (M, N, K) fall mid-fragment.
+    let s = ctx.coop.unwrap().m;
+    let limit = ctx.limits.max_compute_workgroup_storage_size;
+    for (i, c) in CoopConfig::sweep(s, limit).into_iter().enumerate() {
+        let i = 2 * i as u64;
         let t = Tuning {
-            coop: Some(CoopConfig { vec_staging }),
+            coop: Some(c),
             ..Default::default()
         };
         check_matmul_cfg(

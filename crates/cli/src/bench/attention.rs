@@ -33,6 +33,12 @@ pub struct Args {
     /// plan; a length of at least the context means a single pass.
     #[arg(long)]
     partition: Option<usize>,
+    /// Time the scalar paged kernel where the cooperative-matrix one is the default.
+    #[arg(long)]
+    scalar: bool,
+    /// Positions per chunk of the cooperative-matrix kernel (128 or 256).
+    #[arg(long)]
+    chunk: Option<u32>,
 }
 
 const SHAPE: AttnShape = AttnShape {
@@ -132,8 +138,20 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     println!("shape: {} q heads, {} kv heads, head_dim {}, block {BLOCK}, f16 cache; KV write + attention per step", SHAPE.q_heads, SHAPE.kv_heads, SHAPE.head_dim);
     let fused = AttentionOptions {
         partition: args.partition,
+        matrices: args.scalar.then_some(false),
+        chunk: args.chunk,
         ..AttentionOptions::default()
     };
+    let probe = setup(&ctx, 1, 1, 1, false)?;
+    let kernel = match attention::uses_matrices(&ctx, &fused, &probe.meta, SHAPE)? {
+        Some(f) => format!(
+            "cooperative matrices {f}x{f}, chunk {}",
+            args.chunk.unwrap_or(128)
+        ),
+        None => "scalar".to_string(),
+    };
+    drop(probe);
+    println!("paged kernel (decode): {kernel}");
     let scale = 1.0 / (SHAPE.head_dim as f32).sqrt();
 
     println!();

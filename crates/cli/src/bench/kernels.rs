@@ -42,6 +42,31 @@ pub struct Args {
 const SWEEP: &[GemvConfig] = &[
     GemvConfig {
         wg: 256,
+        tpr: 32,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 32,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 32,
+        rpt: 2,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 32,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 64,
+        tpr: 32,
+        rpt: 4,
+    },
+    GemvConfig {
+        wg: 256,
         tpr: 256,
         rpt: 1,
     },
@@ -258,13 +283,16 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 args.reps,
             )?;
         }
-        if args.coop_sweep && ctx.coop.is_some() {
-            for vec_staging in [false, true] {
-                let t = Tuning {
-                    coop: Some(CoopConfig { vec_staging }),
-                    ..Default::default()
-                };
-                bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+        if args.coop_sweep {
+            if let Some(shape) = ctx.coop {
+                let limit = ctx.limits.max_compute_workgroup_storage_size;
+                for c in CoopConfig::sweep(shape.m, limit) {
+                    let t = Tuning {
+                        coop: Some(c),
+                        ..Default::default()
+                    };
+                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+                }
             }
         }
     }
@@ -272,12 +300,12 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
 
     println!();
     println!(
-        "{:<30} {:>22} {:>14} {:>10} {:>9} {:>7} {:>9}",
+        "{:<30} {:>22} {:>20} {:>10} {:>9} {:>7} {:>9}",
         "kernel", "shape (MxNxK)", "path", "time us", "GB/s", "%copy", "TFLOP/s"
     );
     for r in &rows {
         println!(
-            "{:<30} {:>22} {:>14} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
+            "{:<30} {:>22} {:>20} {:>10.1} {:>9.1} {:>6.1}% {:>9}",
             r.name,
             r.shape,
             r.path,
@@ -325,7 +353,7 @@ fn bench_matmul(
                 format!("gemv {}/{}/{}", c.wg, c.tpr, c.rpt)
             }
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
-                format!("coop {}", if c.vec_staging { "vec" } else { "scalar" })
+                format!("coop {}", c.label())
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },

@@ -12,6 +12,7 @@ use crate::tensor::Tensor;
 
 const KV_WRITE: &str = wgsl!("kv_write.wgsl");
 const PAGED: &str = wgsl!("paged_attention.wgsl");
+const PAGED_COOP: &str = wgsl!("paged_attention_coop.wgsl");
 const REDUCE: &str = wgsl!("attention_reduce.wgsl");
 const REFERENCE: &str = wgsl!("attention_ref.wgsl");
 
@@ -20,6 +21,8 @@ const REFERENCE: &str = wgsl!("attention_ref.wgsl");
 const TARGET_GROUPS: usize = 1024;
 /// The shortest partition: one 128-position chunk of the kernel.
 const MIN_PARTITION: usize = 128;
+/// Positions per chunk of the cooperative-matrix kernel (a divisor of MIN_PARTITION).
+const COOP_CHUNK: u32 = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -59,12 +62,17 @@ impl AttnShape {
 
 /// vLLM's switches: `VLLM_METAL_ATTENTION` (1: our paged kernels, 0: the plain reference
 /// path) and `VLLM_METAL_FUSED_KV` (1: KV write and attention in one submission, 0: the KV
-/// write submitted and completed first). `partition` overrides the split-K choice.
+/// write submitted and completed first). `partition` overrides the split-K choice;
+/// `matrices` the choice of the paged kernel (None: on cooperative matrices for decode
+/// batches where the device offers them, Some(false): the scalar kernel, Some(true):
+/// matrices or an error); `chunk` the matrix kernel's positions per chunk (128 or 256).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionOptions {
     pub paged: bool,
     pub fused_kv: bool,
     pub partition: Option<usize>,
+    pub matrices: Option<bool>,
+    pub chunk: Option<u32>,
 }
 
 impl Default for AttentionOptions {
@@ -73,6 +81,8 @@ impl Default for AttentionOptions {
             paged: true,
             fused_kv: true,
             partition: None,
+            matrices: None,
+            chunk: None,
         }
     }
 }
@@ -100,6 +110,8 @@ impl AttentionOptions {
             paged: env_flag("VLLM_METAL_ATTENTION", true)?,
             fused_kv: env_flag("VLLM_METAL_FUSED_KV", true)?,
             partition: None,
+            matrices: None,
+            chunk: None,
         })
     }
 }
@@ -122,6 +134,8 @@ pub struct AttnMetadata {
     pub max_blocks: usize,
     /// Longest context (cached + new) of any sequence.
     pub max_ctx: usize,
+    /// Most new tokens of any sequence (1: a pure decode batch).
+    pub max_query_len: usize,
     /// `[tokens]` u32: the position of each token (for RoPE).
     pub positions: Tensor,
     /// `[tokens]` i32: cache slot (block * block_size + offset) of each new token; -1 = padding.
@@ -203,6 +217,22 @@ impl HostMetadata {
         Ok(m)
     }
 
+    /// Most new tokens of any sequence (tokens of a sequence are consecutive).
+    pub fn max_query_len(&self) -> usize {
+        let real = self.ctx_of.iter().filter(|&&c| c > 0).count();
+        let mut best = 0;
+        let mut run = 0;
+        for i in 0..real {
+            run = if i > 0 && self.seq_of[i] == self.seq_of[i - 1] {
+                run + 1
+            } else {
+                1
+            };
+            best = best.max(run);
+        }
+        best
+    }
+
     pub fn upload(&self, ctx: &crate::GpuContext, block_size: usize) -> Result<AttnMetadata> {
         let t = self.positions.len();
         if t == 0 {
@@ -216,6 +246,7 @@ impl HostMetadata {
             block_size,
             max_blocks: self.max_blocks,
             max_ctx: self.seq_lens.iter().copied().max().unwrap_or(0) as usize,
+            max_query_len: self.max_query_len(),
             positions: ctx.upload_u32(&[t], &self.positions)?,
             slot_mapping: slots,
             block_tables: ctx.upload_u32(&[self.block_tables.len()], &self.block_tables)?,
@@ -293,6 +324,90 @@ fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
         .bool("SPLIT", split)
 }
 
+fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32) -> Kernel {
+    Kernel::new(
+        "paged_attention_coop.wgsl",
+        PAGED_COOP,
+        "paged_attention_coop",
+    )
+    .u32("G", s.group() as u32)
+    .u32("D", s.head_dim as u32)
+    .bool("SPLIT", split)
+    .u32("S", frag)
+    .u32("CH", chunk)
+    .alias("CA", format!("coop_mat{frag}x{frag}<f16, A>"))
+    .alias("CB", format!("coop_mat{frag}x{frag}<f16, B>"))
+    .alias("CC", format!("coop_mat{frag}x{frag}<f32, C>"))
+    .coop()
+}
+
+/// Workgroup memory of the cooperative-matrix kernel in bytes.
+fn coop_shared_bytes(s: AttnShape, frag: usize, ch: usize) -> usize {
+    let d = s.head_dim;
+    let hp = frag;
+    hp * d * 2 + (ch * hp).max(hp * d) * 4 + ch * hp * 2 + frag * d * 2 + (ch / frag + 3 * hp) * 4
+}
+
+/// Whether the kernel's layout takes this shape with `frag` x `frag` fragments.
+fn coop_shape_ok(s: AttnShape, frag: usize) -> bool {
+    s.group() <= frag && s.head_dim.is_multiple_of(frag) && s.head_dim / frag <= 16
+}
+
+/// The fragment size the cooperative-matrix kernel runs with for this shape, or `None`
+/// where it cannot: no f16 matrices with f32 accumulators, subgroups other than 32, more
+/// query heads per kv head than a fragment has rows, more than 16 fragments per head,
+/// blocks that are not whole fragments, or too little workgroup memory.
+pub fn matrix_fragment(
+    ctx: &crate::GpuContext,
+    s: AttnShape,
+    block_size: usize,
+    chunk: u32,
+) -> Option<u32> {
+    let frag = ctx.coop?.m;
+    let f = frag as usize;
+    let fits = coop_shared_bytes(s, f, chunk as usize)
+        <= ctx.limits.max_compute_workgroup_storage_size as usize;
+    let ok = ctx.subgroup_is(32) && coop_shape_ok(s, f) && block_size.is_multiple_of(f) && fits;
+    ok.then_some(frag)
+}
+
+/// Whether `attend` runs the cooperative-matrix kernel for this batch (an error where the
+/// options demand it and the device or shape cannot). By default only decode batches do:
+/// a prefill token's workgroup fills a 16-row fragment with its G heads alone, and the
+/// scalar kernel prefills twice as fast on the H100 (docs/performance.md).
+pub fn uses_matrices(
+    ctx: &crate::GpuContext,
+    opts: &AttentionOptions,
+    meta: &AttnMetadata,
+    s: AttnShape,
+) -> Result<Option<u32>> {
+    let chunk = opts.chunk.unwrap_or(COOP_CHUNK);
+    if !matches!(chunk, 128 | 256) {
+        return Err(OpsError::Config(format!(
+            "attention chunk {chunk}: 128 or 256"
+        )));
+    }
+    let wanted = match opts.matrices {
+        _ if !opts.paged => false,
+        Some(m) => m,
+        None => meta.max_query_len <= 1,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let frag = matrix_fragment(ctx, s, meta.block_size, chunk);
+    if opts.matrices == Some(true) && frag.is_none() {
+        return Err(shape_err(
+            "attention",
+            format!(
+                "cooperative-matrix attention unavailable here for {s:?}, block size {}",
+                meta.block_size
+            ),
+        ));
+    }
+    Ok(frag)
+}
+
 fn reduce_kernel(s: AttnShape) -> Kernel {
     Kernel::new("attention_reduce.wgsl", REDUCE, "attention_reduce")
         .u32("G", s.group() as u32)
@@ -303,7 +418,7 @@ fn reference_kernel(entry: &'static str) -> Kernel {
     Kernel::new("attention_ref.wgsl", REFERENCE, entry)
 }
 
-pub(crate) fn variants() -> Vec<Kernel> {
+pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = vec![Kernel::new("kv_write.wgsl", KV_WRITE, "kv_write")];
     for (q, kv, d) in [(4, 4, 64), (32, 4, 128), (16, 1, 256), (8, 2, 96)] {
         let s = AttnShape {
@@ -314,6 +429,10 @@ pub(crate) fn variants() -> Vec<Kernel> {
         v.push(paged_kernel(s, false));
         v.push(paged_kernel(s, true));
         v.push(reduce_kernel(s));
+        for frag in coop_sizes.iter().filter(|&&f| coop_shape_ok(s, f as usize)) {
+            v.push(coop_kernel(s, false, *frag, COOP_CHUNK));
+            v.push(coop_kernel(s, true, *frag, 256));
+        }
     }
     for e in ["gather_kv", "naive_scores", "naive_av"] {
         v.push(reference_kernel(e));
@@ -376,6 +495,12 @@ pub fn attend(
         splits as u32,
     ];
     let groups = grid(step.ctx, t * s.kv_heads * splits);
+    let frag = uses_matrices(step.ctx, opts, meta, s)?;
+    let chunk = opts.chunk.unwrap_or(COOP_CHUNK);
+    let kernel = |split| match frag {
+        Some(f) => coop_kernel(s, split, f, chunk),
+        None => paged_kernel(s, split),
+    };
     let inputs = [
         qkv,
         &meta.seq_of,
@@ -387,7 +512,7 @@ pub fn attend(
     if splits == 1 {
         let dummy = step.ctx.dummy()?.clone();
         let b: Vec<&Tensor> = inputs.iter().copied().chain([out, &dummy]).collect();
-        return step.dispatch(&paged_kernel(s, false), &b, &params, groups);
+        return step.dispatch(&kernel(false), &b, &params, groups);
     }
     let g = s.group();
     let part = step
@@ -397,7 +522,7 @@ pub fn attend(
         .ctx
         .empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
     let b: Vec<&Tensor> = inputs.iter().copied().chain([&part, &ml]).collect();
-    step.dispatch(&paged_kernel(s, true), &b, &params, groups)?;
+    step.dispatch(&kernel(true), &b, &params, groups)?;
     let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
     step.dispatch(
         &reduce_kernel(s),

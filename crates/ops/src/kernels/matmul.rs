@@ -39,8 +39,11 @@ pub enum MatmulPath {
     Coop,
 }
 
+/// Rows up to this many elements are short: a subgroup per row keeps every lane loading.
+pub const SHORT_ROW: usize = 1024;
+
 /// Work split of the GEMV: `wg` invocations per workgroup, `tpr` of them per weight row
-/// (>= 64 so that no subgroup straddles two rows), `rpt` rows per row group.
+/// (whole subgroups, so that no subgroup straddles two rows), `rpt` rows per row group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemvConfig {
     pub wg: u32,
@@ -54,8 +57,11 @@ impl GemvConfig {
         (self.wg / self.tpr * self.rpt) as usize
     }
 
-    fn valid(self, m: usize) -> bool {
-        self.tpr >= 64
+    /// Whether the split works for `m` rows on subgroups of up to `subgroup` invocations
+    /// (a row group must be whole subgroups).
+    pub fn valid(self, m: usize, subgroup: u32) -> bool {
+        self.tpr >= subgroup.max(1)
+            && self.tpr.is_multiple_of(subgroup.max(1))
             && self.wg.is_multiple_of(self.tpr)
             && self.wg <= 256
             && self.rpt >= 1
@@ -64,10 +70,18 @@ impl GemvConfig {
 
     /// The default split, from the sweeps on the H100 / H200 (docs/performance.md): at
     /// M = 1, 128 invocations on 2 rows ran within 3% of the best split on every
-    /// Qwen3-30B-A3B shape; up to M = 16, 64 invocations on 4 rows; above, 64 on 2 rows
+    /// Qwen3-30B-A3B shape but the short-row expert down projection, where one subgroup
+    /// per row (each lane 3 of the 96 vectors of a 768-wide f16 row) gives 71% of the copy
+    /// roofline against 59%; up to M = 16, 64 invocations on 4 rows; above, 64 on 2 rows
     /// in workgroups of 256.
-    pub fn for_batch(m: usize) -> GemvConfig {
-        if m <= 2 {
+    pub fn for_shape(m: usize, k: usize) -> GemvConfig {
+        if m <= 2 && k <= SHORT_ROW {
+            GemvConfig {
+                wg: 256,
+                tpr: 32,
+                rpt: 2,
+            }
+        } else if m <= 2 {
             GemvConfig {
                 wg: 128,
                 tpr: 128,
@@ -102,19 +116,118 @@ fn gemm_kernel(dtype: DType) -> Kernel {
     Kernel::new("gemm.wgsl", GEMM, "gemm").u32("W_DTYPE", dtype.float_code())
 }
 
-/// Variant of the cooperative-matrix GEMM: stage slices in workgroup memory as `vec4<f16>`
-/// (a quarter of the stores) or as scalars (what Metal's simdgroup loads take).
+/// Variant of the cooperative-matrix GEMM (gemm_coop.wgsl): how slices are staged in
+/// workgroup memory (`vec4<f16>`, a quarter of the stores, or scalars, which Metal's
+/// simdgroup loads take), and how the workgroup tile of 8 S rows is cut among subgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopConfig {
     pub vec_staging: bool,
+    /// Subgroups along N (two along M, each on 4 fragments of rows).
+    pub sgn: u32,
+    /// S x S fragments along N per subgroup: 2 or 4.
+    pub frags_n: u32,
+    /// 2: double-buffered slices (one barrier per slice, next loads in flight).
+    pub stages: u32,
+    /// Halves of padding per staged row (spreads fragment rows over banks).
+    pub pad: u32,
 }
 
 impl CoopConfig {
-    /// Vector staging where fragments are 16x16 (Vulkan / NVIDIA); scalar for Apple's 8x8.
+    /// 16x16 (Vulkan / NVIDIA): vector staging, 4 subgroups of 64 x 64 and rows padded by
+    /// 8 halves, the best of the sweep on the H100 (146-186 TFLOP/s on the Qwen3-30B-A3B
+    /// prefill shapes against 89-109 for 8 subgroups of 64 x 32 unpadded;
+    /// docs/performance.md). Apple's 8x8: scalar staging (what simdgroup loads take),
+    /// 8 subgroups of 32 x 16, unpadded, until measured on a Mac.
     pub fn for_size(s: u32) -> CoopConfig {
-        CoopConfig {
-            vec_staging: s == 16,
+        if s == 16 {
+            CoopConfig {
+                vec_staging: true,
+                sgn: 2,
+                frags_n: 4,
+                stages: 1,
+                pad: 8,
+            }
+        } else {
+            CoopConfig {
+                vec_staging: false,
+                sgn: 4,
+                frags_n: 2,
+                stages: 1,
+                pad: 0,
+            }
         }
+    }
+
+    /// Invocations per workgroup (subgroups of 32).
+    pub fn threads(&self) -> u32 {
+        64 * self.sgn
+    }
+
+    /// Columns of one workgroup tile.
+    pub fn tile_n(&self, s: u32) -> u32 {
+        self.sgn * self.frags_n * s
+    }
+
+    /// Workgroup memory in bytes: staged slices plus one S x S f32 tile per subgroup.
+    pub fn shared_bytes(&self, s: u32) -> u32 {
+        let lds = 32 + self.pad;
+        self.stages * (8 * s + self.tile_n(s)) * lds * 2 + 2 * self.sgn * s * s * 4
+    }
+
+    /// Whether the kernel can be built with fragments of size `s` within `shared_limit`.
+    pub fn valid(&self, s: u32, shared_limit: u32) -> bool {
+        let t = self.threads();
+        let unit = if self.vec_staging { 4 } else { 1 };
+        self.sgn > 0
+            && matches!(self.frags_n, 2 | 4)
+            && (1..=2).contains(&self.stages)
+            && self.pad % unit.max(4) == 0
+            && (8 * s * 32 / 4) % t == 0
+            && (self.tile_n(s) * 32 / 8) % t == 0
+            && self.shared_bytes(s) <= shared_limit
+    }
+
+    /// The splits `bench kernels --coop-sweep` compares (the default first), each valid.
+    pub fn sweep(s: u32, shared_limit: u32) -> Vec<CoopConfig> {
+        let base = CoopConfig::for_size(s);
+        let other = CoopConfig {
+            vec_staging: !base.vec_staging,
+            ..base
+        };
+        let mut v = vec![base, other];
+        for (sgn, frags_n) in [(4, 2), (2, 4), (4, 4)] {
+            for stages in [1, 2] {
+                for pad in [0, 4, 8, 16] {
+                    let c = CoopConfig {
+                        sgn,
+                        frags_n,
+                        stages,
+                        pad,
+                        ..base
+                    };
+                    if c.valid(s, shared_limit) && !v.contains(&c) {
+                        v.push(c);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// A short name for benchmark tables.
+    pub fn label(&self) -> String {
+        format!(
+            "{}x{}{}{}{}",
+            self.sgn,
+            self.frags_n,
+            if self.stages == 2 { "+db" } else { "" },
+            if self.pad > 0 {
+                format!("+p{}", self.pad)
+            } else {
+                String::new()
+            },
+            if self.vec_staging { "" } else { "+sc" }
+        )
     }
 }
 
@@ -131,13 +244,23 @@ fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
     } else {
         ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR)
     };
-    coop_base(name, src, s, dtype)
+    coop_base(name, src, s, dtype, c)
 }
 
 /// A kernel built on gemm_coop.wgsl with fragment size `s` and weight dtype `dtype`.
-pub(crate) fn coop_base(name: &'static str, src: &'static str, s: u32, dtype: DType) -> Kernel {
+pub(crate) fn coop_base(
+    name: &'static str,
+    src: &'static str,
+    s: u32,
+    dtype: DType,
+    c: CoopConfig,
+) -> Kernel {
     Kernel::new(name, src, "gemm_coop")
         .u32("S", s)
+        .u32("SGN", c.sgn)
+        .u32("FN", c.frags_n)
+        .u32("STAGES", c.stages)
+        .u32("PAD", c.pad)
         .u32("W_DTYPE", dtype.float_code())
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
@@ -153,7 +276,7 @@ pub(crate) fn coop_available(step: &Step) -> bool {
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        v.push(gemv_kernel(1, GemvConfig::for_batch(1), dt));
+        v.push(gemv_kernel(1, GemvConfig::for_shape(1, 2048), dt));
         v.push(gemm_kernel(dt));
     }
     v.push(gemv_kernel(
@@ -165,7 +288,8 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         },
         DType::F16,
     ));
-    v.push(gemv_kernel(32, GemvConfig::for_batch(32), DType::F16));
+    v.push(gemv_kernel(32, GemvConfig::for_shape(32, 2048), DType::F16));
+    v.push(gemv_kernel(1, GemvConfig::for_shape(1, 768), DType::F16));
     v.push(gemv_kernel(
         3,
         GemvConfig {
@@ -178,6 +302,9 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     for &s in coop_sizes {
         v.push(coop_kernel(s, DType::F16, CoopConfig::for_size(s)));
         v.push(coop_kernel(s, DType::BF16, CoopConfig::for_size(s)));
+        for c in CoopConfig::sweep(s, 48 * 1024) {
+            v.push(coop_kernel(s, DType::F16, c));
+        }
     }
     v
 }
@@ -256,8 +383,11 @@ pub fn matmul_tuned(
         let n = c.rows as u32;
         match path {
             MatmulPath::Gemv => {
-                let cfg = tuning.gemv.unwrap_or_else(|| GemvConfig::for_batch(m));
-                if !cfg.valid(m) {
+                let mut cfg = tuning.gemv.unwrap_or_else(|| GemvConfig::for_shape(m, k));
+                if tuning.gemv.is_none() && !cfg.valid(m, step.ctx.info.subgroup_max_size) {
+                    cfg = GemvConfig::for_shape(m, usize::MAX);
+                }
+                if !cfg.valid(m, step.ctx.info.subgroup_max_size) {
                     return Err(shape_err(
                         "matmul",
                         format!("invalid GEMV split {cfg:?} for M={m}"),
@@ -274,10 +404,19 @@ pub fn matmul_tuned(
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
-                let tile = (8 * s) as usize;
-                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
-                let groups = [c.rows.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1];
                 let cfg = tuning.coop.unwrap_or(CoopConfig::for_size(s));
+                if !cfg.valid(s, step.ctx.limits.max_compute_workgroup_storage_size) {
+                    return Err(shape_err(
+                        "matmul",
+                        format!("invalid cooperative-matrix split {cfg:?} for {s}x{s}"),
+                    ));
+                }
+                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32];
+                let groups = [
+                    c.rows.div_ceil(cfg.tile_n(s) as usize) as u32,
+                    m.div_ceil(8 * s as usize) as u32,
+                    1,
+                ];
                 step.dispatch(
                     &coop_kernel(s, w.dtype, cfg),
                     &[x, &c.tensor, y],

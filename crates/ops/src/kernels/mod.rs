@@ -68,7 +68,7 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(softmax::variants());
     v.extend(argmax::variants());
     v.extend(copy::variants());
-    v.extend(attention::variants());
+    v.extend(attention::variants(coop_sizes));
     v.extend(fill::variants());
     v.extend(bias::variants());
     v.extend(moe::variants(coop_sizes));

@@ -12,7 +12,8 @@
 //! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
 //! chunked by whole experts (`Weight::upload_grouped`); steps 3 and 4 run once per chunk.
 
-use super::{expect_dtype, expect_len, matmul, wgsl};
+use super::matmul::{self, CoopConfig};
+use super::{expect_dtype, expect_len, wgsl};
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -233,14 +234,23 @@ fn route_kernel() -> Kernel {
 }
 
 const GEMV_WG: u32 = 128;
-const GEMV_TPR: u32 = 64;
 const GEMV_RPT: u32 = 2;
 
-fn gemv_kernel(mt: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
+/// Invocations per weight row of the grouped GEMV: a subgroup for short rows (as the
+/// dense GEMV, matmul::SHORT_ROW), else 64.
+fn gemv_tpr(ctx: &GpuContext, k: usize) -> u32 {
+    if k <= matmul::SHORT_ROW && ctx.info.subgroup_max_size <= 32 {
+        32
+    } else {
+        64
+    }
+}
+
+fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
     Kernel::new("moe_gemv.wgsl", GEMV, "moe_gemv")
         .u32("MT", mt)
         .u32("WG", GEMV_WG)
-        .u32("TPR", GEMV_TPR)
+        .u32("TPR", tpr)
         .u32("RPT", GEMV_RPT)
         .u32("W_DTYPE", dtype.float_code())
         .u32("ACT", act as u32)
@@ -253,7 +263,7 @@ fn coop_kernel(s: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
     } else {
         ("moe_coop.wgsl+scalar", COOP_SCALAR)
     };
-    matmul::coop_base(name, src, s, dtype)
+    matmul::coop_base(name, src, s, dtype, CoopConfig::for_size(s))
         .u32("ACT", act as u32)
         .u32("GATHER", gather as u32)
 }
@@ -275,7 +285,8 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         (4, DType::BF16, false),
         (2, DType::F32, true),
     ] {
-        v.push(gemv_kernel(mt, dt, act, act));
+        v.push(gemv_kernel(mt, 64, dt, act, act));
+        v.push(gemv_kernel(mt, 32, dt, act, act));
     }
     v
 }
@@ -416,9 +427,10 @@ fn grouped(
                     format!("{mt} tokens per register batch"),
                 ));
             }
-            let rows_per_group = (GEMV_WG / GEMV_TPR * GEMV_RPT) as usize;
+            let tpr = gemv_tpr(step.ctx, w.k);
+            let rows_per_group = (GEMV_WG / tpr * GEMV_RPT) as usize;
             (
-                gemv_kernel(mt, w.dtype, act, gather),
+                gemv_kernel(mt, tpr, w.dtype, act, gather),
                 rows_per_expert.div_ceil(rows_per_group),
             )
         }
@@ -444,7 +456,7 @@ fn grouped(
             }
             (
                 coop_kernel(s, w.dtype, act, gather),
-                rows_per_expert.div_ceil(8 * s as usize),
+                rows_per_expert.div_ceil(CoopConfig::for_size(s).tile_n(s) as usize),
             )
         }
     };

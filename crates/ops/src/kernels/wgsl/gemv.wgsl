@@ -2,7 +2,8 @@
 // stream through 128-bit loads; TPR invocations share a row (so short rows still fill the
 // workgroup) and each keeps M x RPT partial sums for its RPT rows, reduced by subgroupAdd
 // and then across the TPR / subgroup_size subgroups of its row group in workgroup memory.
-// TPR >= 64 >= any subgroup size, so no subgroup straddles two row groups.
+// TPR is a multiple of the subgroup size (the launcher checks), so no subgroup straddles
+// two row groups.
 // W_DTYPE: 0 = f32 (4 per vec4<u32>), 1 = f16, 2 = bf16 (8 per vec4<u32>).
 // Prelude: M, WG, TPR, RPT, W_DTYPE.
 struct Params {

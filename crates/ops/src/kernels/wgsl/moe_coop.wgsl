@@ -9,7 +9,7 @@ var<private> wbase: u32;
 
 fn setup(wg: vec3<u32>) -> bool {
     let tile = wg.y;
-    if tile >= tiles[0] || wg.x * 8u * S >= p.n {
+    if tile >= tiles[0] || wg.x * BN >= p.n {
         return false;
     }
     let e = tiles[1u + 3u * tile];

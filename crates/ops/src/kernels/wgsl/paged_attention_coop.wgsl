@@ -1,0 +1,239 @@
+// Paged attention on cooperative matrices (tensor cores / Apple simdgroup matrices): the
+// same work and outputs as paged_attention.wgsl (one workgroup per (query token, kv head,
+// split); see there for ctx, SPLIT and the outputs), with the products on matrix units.
+// The G query heads of a kv head are the narrow side of both products, padded to HP (a
+// multiple of S) with zero queries. Per chunk of CH positions (S-position fragments, each
+// inside one cache block, so its rows are D apart):
+//   scores:  subgroups take position fragments; S[pos, head] = K[pos, :] . Q[head, :]
+//            with K fragments loaded straight from the cache, Q (scaled, f16) from
+//            workgroup memory;
+//   softmax: a subgroup per head: the chunk max, the running max and sum (online
+//            softmax), probabilities rounded to f16 (the sum counts the rounded values);
+//   values:  subgroups take D / S column fragments; O[head, :] = P[head, pos] V[pos, :]
+//            with V fragments from the cache (the last, partial fragment staged with
+//            zero rows past the context, so stale cache rows never meet a zero weight);
+//   merge:   the chunk's O goes through workgroup memory into per-invocation registers,
+//            o = o * alpha + O (matrices cannot be rescaled row by row).
+// Needs subgroups of 32 (four per workgroup), G <= S, D / S <= 16 and block_size % S == 0
+// (the launcher checks). Matrices live in named variables (in arrays the driver spills
+// them), and no branch around a matrix operation depends on the subgroup: subgroups whose
+// fragment is past the context, or past D, redo a valid one and their result is unused.
+// Prelude: G, D, SPLIT, S, CH; aliases CA, CB, CC.
+struct Params {
+    t: u32,
+    hq: u32,
+    hkv: u32,
+    bs: u32,
+    max_blocks: u32,
+    scale: f32,
+    part_len: u32,
+    splits: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> qkv: array<f32>;
+@group(0) @binding(1) var<storage, read> seq_of: array<u32>;
+@group(0) @binding(2) var<storage, read> ctx_of: array<u32>;
+@group(0) @binding(3) var<storage, read> block_tables: array<u32>;
+@group(0) @binding(4) var<storage, read> k_cache: array<f16>;
+@group(0) @binding(5) var<storage, read> v_cache: array<f16>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
+
+const WG: u32 = 128u;
+const NSG: u32 = 4u;
+// Heads padded to one fragment; fragments per row (dims); position fragments per subgroup.
+const HP: u32 = S;
+const KF: u32 = D / S;
+const PFS: u32 = CH / S / NSG;
+// Column fragments of O per subgroup (1 to 4); heads per subgroup in the softmax; outputs
+// per invocation in the merge.
+const NF: u32 = (KF + NSG - 1u) / NSG;
+const HPS: u32 = (G + NSG - 1u) / NSG;
+const OPT: u32 = (G * D + WG - 1u) / WG;
+const NEG_INF: f32 = -3.4e38;
+
+// Scaled queries [head][dim] (pad heads zero).
+var<workgroup> qh: array<f16, HP * D>;
+// The chunk's scores [pos][head], later its outputs [head][dim].
+var<workgroup> fs: array<f32, max(CH * HP, HP * D)>;
+// Probabilities [pos][head] (pad heads stay zero).
+var<workgroup> ph: array<f16, CH * HP>;
+// The partial fragment's V rows, zero past the context.
+var<workgroup> vt: array<f16, S * D>;
+// First cache element of each position fragment's rows.
+var<workgroup> fbase: array<u32, CH / S>;
+var<workgroup> alpha: array<f32, HP>;
+var<workgroup> m_fin: array<f32, HP>;
+var<workgroup> l_fin: array<f32, HP>;
+
+@compute @workgroup_size(WG)
+fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) li: u32,
+                        @builtin(subgroup_id) sg: u32,
+                        @builtin(subgroup_invocation_id) lane: u32) {
+    // (Not flat_group(): naga's uniformity analysis takes a function's result for
+    // non-uniform, and matrix operations must follow uniform control flow.)
+    let flat = wg.x + wg.y * nwg.x;
+    if flat >= p.t * p.hkv * p.splits {
+        return;
+    }
+    let t = flat / (p.hkv * p.splits);
+    let rem = flat - t * p.hkv * p.splits;
+    let h = rem / p.splits;
+    let split = rem - h * p.splits;
+    let n_ctx = ctx_of[t];
+    let seq = seq_of[t];
+    let lo = split * p.part_len;
+    let hi = min(lo + p.part_len, n_ctx);
+
+    let qrow = t * (p.hq + 2u * p.hkv) * D + h * G * D;
+    for (var i = li; i < HP * D; i += WG) {
+        var v = 0.0;
+        if i < G * D {
+            v = qkv[qrow + i] * p.scale;
+        }
+        qh[i] = f16(v);
+    }
+    for (var i = li; i < CH * HP; i += WG) {
+        ph[i] = f16(0.0);
+    }
+    var o: array<f32, OPT>;
+    var m_run: array<f32, HPS>;
+    var l_run: array<f32, HPS>;
+    for (var j = 0u; j < HPS; j++) {
+        m_run[j] = NEG_INF;
+    }
+    workgroupBarrier();
+
+    for (var c = lo; c < hi; c += CH) {
+        let n = min(CH, hi - c);
+        let nf = (n + S - 1u) / S;
+        for (var j = 0u; j < PFS; j++) {
+            let f = sg + j * NSG;
+            let pos = c + min(f, nf - 1u) * S;
+            let block = block_tables[seq * p.max_blocks + pos / p.bs];
+            let base = ((block * p.hkv + h) * p.bs + pos % p.bs) * D;
+            if lane == 0u {
+                fbase[f] = base;
+            }
+            var sc = CC();
+            for (var kf = 0u; kf < KF; kf++) {
+                let a = coopLoadT<CA>(&k_cache[base + kf * S], D);
+                let b = coopLoad<CB>(&qh[kf * S], D);
+                sc = coopMultiplyAdd(a, b, sc);
+            }
+            coopStoreT(sc, &fs[f * S * HP], HP);
+        }
+        workgroupBarrier();
+
+        for (var j = 0u; j < HPS; j++) {
+            let g = sg + j * NSG;
+            if g < G {
+                var mx = NEG_INF;
+                for (var i = lane; i < n; i += 32u) {
+                    mx = max(mx, fs[i * HP + g]);
+                }
+                let m_new = max(m_run[j], subgroupMax(mx));
+                let a = exp(m_run[j] - m_new);
+                var sum = 0.0;
+                for (var i = lane; i < CH; i += 32u) {
+                    var e = f16(0.0);
+                    if i < n {
+                        e = f16(exp(fs[i * HP + g] - m_new));
+                    }
+                    ph[i * HP + g] = e;
+                    sum += f32(e);
+                }
+                l_run[j] = l_run[j] * a + subgroupAdd(sum);
+                m_run[j] = m_new;
+                if lane == 0u {
+                    alpha[g] = a;
+                }
+            }
+        }
+        // The partial fragment's rows (none when n is whole fragments: then zeros).
+        let nfull = n / S;
+        let rows = n - nfull * S;
+        for (var i = li; i < S * D; i += WG) {
+            var v = f16(0.0);
+            if i / D < rows {
+                v = v_cache[fbase[nfull] + i];
+            }
+            vt[i] = v;
+        }
+        workgroupBarrier();
+
+        var o0 = CC();
+        var o1 = CC();
+        var o2 = CC();
+        var o3 = CC();
+        let d0 = min(sg, KF - 1u) * S;
+        let d1 = min(sg + NSG, KF - 1u) * S;
+        let d2 = min(sg + 2u * NSG, KF - 1u) * S;
+        let d3 = min(sg + 3u * NSG, KF - 1u) * S;
+        for (var f = 0u; f < nfull; f++) {
+            let a = coopLoad<CA>(&ph[f * S * HP], HP);
+            let base = fbase[f];
+            o0 = coopMultiplyAdd(a, coopLoadT<CB>(&v_cache[base + d0], D), o0);
+            if NF > 1u {
+                o1 = coopMultiplyAdd(a, coopLoadT<CB>(&v_cache[base + d1], D), o1);
+            }
+            if NF > 2u {
+                o2 = coopMultiplyAdd(a, coopLoadT<CB>(&v_cache[base + d2], D), o2);
+                o3 = coopMultiplyAdd(a, coopLoadT<CB>(&v_cache[base + d3], D), o3);
+            }
+        }
+        // Unconditionally (uniform control flow): the partial fragment, or zeros.
+        let a = coopLoad<CA>(&ph[min(nfull, CH / S - 1u) * S * HP], HP);
+        o0 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d0], D), o0);
+        if NF > 1u {
+            o1 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d1], D), o1);
+        }
+        if NF > 2u {
+            o2 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d2], D), o2);
+            o3 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d3], D), o3);
+        }
+        // Subgroups that redid a fragment store the same values as its owner.
+        coopStoreT(o0, &fs[d0], D);
+        if NF > 1u {
+            coopStoreT(o1, &fs[d1], D);
+        }
+        if NF > 2u {
+            coopStoreT(o2, &fs[d2], D);
+            coopStoreT(o3, &fs[d3], D);
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < OPT; k++) {
+            let i = li + k * WG;
+            if i < G * D {
+                o[k] = o[k] * alpha[i / D] + fs[i];
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var j = 0u; j < HPS; j++) {
+        let g = sg + j * NSG;
+        if g < G && lane == 0u {
+            m_fin[g] = m_run[j];
+            l_fin[g] = l_run[j];
+        }
+    }
+    workgroupBarrier();
+    for (var k = 0u; k < OPT; k++) {
+        let i = li + k * WG;
+        if i < G * D {
+            if SPLIT {
+                out[((t * p.hkv + h) * p.splits + split) * G * D + i] = o[k];
+            } else {
+                let l = l_fin[i / D];
+                out[t * p.hq * D + h * G * D + i] = select(0.0, o[k] / l, l > 0.0);
+            }
+        }
+    }
+    if SPLIT && li < G {
+        ml[((t * p.hkv + h) * p.splits + split) * G + li] = vec2<f32>(m_fin[li], l_fin[li]);
+    }
+}
