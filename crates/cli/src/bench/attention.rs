@@ -172,7 +172,12 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 b,
                 c,
                 b * c,
-                match attention::plan_partition(&fused, &s.meta, SHAPE) {
+                match attention::plan_partition(
+                    &fused,
+                    &s.meta,
+                    SHAPE,
+                    attention::uses_matrices(&ctx, &fused, &s.meta, SHAPE)?.is_some(),
+                ) {
                     Some(p) => s.meta.max_ctx.div_ceil(p),
                     None => 1,
                 },

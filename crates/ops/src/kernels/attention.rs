@@ -23,6 +23,9 @@ const TARGET_GROUPS: usize = 1024;
 const MIN_PARTITION: usize = 128;
 /// Positions per chunk of the cooperative-matrix kernel (a divisor of MIN_PARTITION).
 const COOP_CHUNK: u32 = 128;
+/// The matrix kernel's partition for long contexts, once that many workgroups result.
+const MATRIX_PARTITION: usize = 512;
+const MATRIX_MIN_GROUPS: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -441,12 +444,24 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
 }
 
 /// Positions per split for this batch, or `None` for a single pass: split only when the
-/// batch alone leaves the GPU idle and some context is longer than one partition.
-pub fn plan_partition(opts: &AttentionOptions, meta: &AttnMetadata, s: AttnShape) -> Option<usize> {
+/// batch alone leaves the GPU idle and some context is longer than one partition. The
+/// matrix kernel (`matrices`) also splits long contexts into partitions of
+/// MATRIX_PARTITION once that gives MATRIX_MIN_GROUPS workgroups: on the H100, 64 x 8192
+/// ran at 50% of the copy rate in 512-position splits against 41% in 4 splits of 2048,
+/// and 16 x 2048 at 36% against 27% in 16 splits of 128 (docs/performance.md).
+pub fn plan_partition(
+    opts: &AttentionOptions,
+    meta: &AttnMetadata,
+    s: AttnShape,
+    matrices: bool,
+) -> Option<usize> {
     if let Some(p) = opts.partition {
         return (meta.max_ctx > p).then_some(p.max(1));
     }
     let groups = meta.num_tokens * s.kv_heads;
+    if matrices && groups * meta.max_ctx.div_ceil(MATRIX_PARTITION) >= MATRIX_MIN_GROUPS {
+        return (meta.max_ctx > MATRIX_PARTITION).then_some(MATRIX_PARTITION);
+    }
     if groups >= TARGET_GROUPS {
         return None;
     }
@@ -480,7 +495,8 @@ pub fn attend(
         return attend_reference(step, a, out);
     }
     let t = meta.num_tokens;
-    let (partition, splits) = match plan_partition(opts, meta, s) {
+    let frag = uses_matrices(step.ctx, opts, meta, s)?;
+    let (partition, splits) = match plan_partition(opts, meta, s, frag.is_some()) {
         Some(p) => (p, meta.max_ctx.div_ceil(p)),
         None => (meta.max_ctx.max(1), 1),
     };
@@ -495,7 +511,6 @@ pub fn attend(
         splits as u32,
     ];
     let groups = grid(step.ctx, t * s.kv_heads * splits);
-    let frag = uses_matrices(step.ctx, opts, meta, s)?;
     let chunk = opts.chunk.unwrap_or(COOP_CHUNK);
     let kernel = |split| match frag {
         Some(f) => coop_kernel(s, split, f, chunk),

@@ -181,9 +181,9 @@ impl CoopConfig {
         self.sgn > 0
             && matches!(self.frags_n, 2 | 4)
             && (1..=2).contains(&self.stages)
-            && self.pad % unit.max(4) == 0
-            && (8 * s * 32 / 4) % t == 0
-            && (self.tile_n(s) * 32 / 8) % t == 0
+            && self.pad.is_multiple_of(unit.max(4))
+            && (8 * s * 32 / 4).is_multiple_of(t)
+            && (self.tile_n(s) * 32 / 8).is_multiple_of(t)
             && self.shared_bytes(s) <= shared_limit
     }
 

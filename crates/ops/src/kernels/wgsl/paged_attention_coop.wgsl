@@ -99,6 +99,9 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
     for (var i = li; i < CH * HP; i += WG) {
         ph[i] = f16(0.0);
     }
+    for (var i = li; i < S * D; i += WG) {
+        vt[i] = f16(0.0);
+    }
     var o: array<f32, OPT>;
     var m_run: array<f32, HPS>;
     var l_run: array<f32, HPS>;
@@ -153,15 +156,18 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
                 }
             }
         }
-        // The partial fragment's rows (none when n is whole fragments: then zeros).
+        // The partial fragment's rows, zero past the context. Only the partition's last
+        // chunk can end mid-fragment, so vt holds zeros (set at the start) until then.
         let nfull = n / S;
         let rows = n - nfull * S;
-        for (var i = li; i < S * D; i += WG) {
-            var v = f16(0.0);
-            if i / D < rows {
-                v = v_cache[fbase[nfull] + i];
+        if rows > 0u {
+            for (var i = li; i < S * D; i += WG) {
+                var v = f16(0.0);
+                if i / D < rows {
+                    v = v_cache[fbase[nfull] + i];
+                }
+                vt[i] = v;
             }
-            vt[i] = v;
         }
         workgroupBarrier();
 
