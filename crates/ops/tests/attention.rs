@@ -60,7 +60,7 @@ fn all_options() -> Vec<AttentionOptions> {
     // Where matrices are offered: the matrix kernel for every token (prefill too), both
     // chunk lengths, split and not.
     if ctx().coop.is_some() && ctx().subgroup_is(32) {
-        for (partition, chunk) in [(None, 128), (Some(256), 256), (None, 256), (Some(64), 128)] {
+        for (partition, chunk) in [(None, 128), (Some(256), 256), (None, 256), (Some(64), 64)] {
             v.push(AttentionOptions {
                 partition,
                 matrices: Some(true),

@@ -36,7 +36,7 @@ pub struct Args {
     /// Time the scalar paged kernel where the cooperative-matrix one is the default.
     #[arg(long)]
     scalar: bool,
-    /// Positions per chunk of the cooperative-matrix kernel (128 or 256).
+    /// Positions per chunk of the cooperative-matrix kernel (64, 128 or 256).
     #[arg(long)]
     chunk: Option<u32>,
 }

@@ -68,7 +68,7 @@ impl AttnShape {
 /// write submitted and completed first). `partition` overrides the split-K choice;
 /// `matrices` the choice of the paged kernel (None: on cooperative matrices for decode
 /// batches where the device offers them, Some(false): the scalar kernel, Some(true):
-/// matrices or an error); `chunk` the matrix kernel's positions per chunk (128 or 256).
+/// matrices or an error); `chunk` the matrix kernel's positions per chunk (64, 128 or 256).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionOptions {
     pub paged: bool,
@@ -385,9 +385,9 @@ pub fn uses_matrices(
     s: AttnShape,
 ) -> Result<Option<u32>> {
     let chunk = opts.chunk.unwrap_or(COOP_CHUNK);
-    if !matches!(chunk, 128 | 256) {
+    if !matches!(chunk, 64 | 128 | 256) {
         return Err(OpsError::Config(format!(
-            "attention chunk {chunk}: 128 or 256"
+            "attention chunk {chunk}: 64, 128 or 256"
         )));
     }
     let wanted = match opts.matrices {
