@@ -5,9 +5,10 @@
 //! prefix cache when it is on). Each step: the scheduler picks the sequences and token
 //! counts; the batch is laid out as the attention metadata wants it (each sequence's new
 //! tokens in turn, its block table from the KV manager); the model records its forward and
-//! an argmax over the rows that need a token; one submission; then greedy rows read their
-//! ids, rows that need the full distribution (sampling, penalties, logprobs) read their
-//! logits; full blocks are registered for prefix caching; new tokens are detokenized and
+//! the GPU sampler over the rows that need a token (argmax for greedy rows; temperature
+//! and min-p draws with a uniform from the request's own generator); one submission; then
+//! those rows read back one id each, and only rows that need the processed distribution
+//! (penalties, logit bias, min_tokens, top-k, top-p, logprobs) read their logits; full blocks are registered for prefix caching; new tokens are detokenized and
 //! checked against the stop conditions; finished sequences free their blocks.
 
 use std::collections::HashMap;
@@ -15,14 +16,14 @@ use std::time::Instant;
 
 use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::tokenizer::GgufTokenizer;
-use vllm_apple_ops::kernels::argmax;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
+use vllm_apple_ops::kernels::sample::{self, RowSampling};
 use vllm_apple_ops::kv_cache::KvCache;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
 
 use crate::detokenizer::Detokenizer;
 use crate::kv_manager::{KvCacheManager, PrefixCacheStats, ReqId};
-use crate::params::{FinishReason, SamplingParams, StopReason};
+use crate::params::{FinishReason, SamplingParams, StopReason, MIN_TEMPERATURE};
 use crate::sampler::{self, SeqSampling, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqTokens};
 
@@ -495,8 +496,23 @@ impl LLMEngine {
                 &rows_t,
                 &self.cfg.attention,
             )?;
+            // Greedy and GPU-sampled rows get their token here; the others (and the
+            // prompt-logprob rows) take the argmax, unused.
+            let mut row_sampling = Vec::with_capacity(rows.len());
+            for &(id, _) in &sample_rows {
+                row_sampling.push(match self.seqs.get_mut(&id) {
+                    Some(seq) if seq.params.sampled_on_gpu() => RowSampling {
+                        temperature: seq.params.temperature.max(MIN_TEMPERATURE),
+                        min_p: seq.params.min_p,
+                        u: seq.sampling.uniform_f32(),
+                    },
+                    _ => RowSampling::GREEDY,
+                });
+            }
+            row_sampling.resize(rows.len(), RowSampling::GREEDY);
+            let params_t = sample::upload_params(ctx, &row_sampling)?;
             let out = ctx.empty(&[rows.len()], DType::U32)?;
-            argmax::argmax(&mut step, &logits, &out)?;
+            sample::sample(&mut step, &logits, &params_t, &out)?;
             (Some(logits), Some(out))
         };
         step.submit_and_wait()?;
@@ -509,7 +525,7 @@ impl LLMEngine {
                     .cache_full_blocks(sc.id, &t.tokens[..computed]);
             }
         }
-        let greedy_ids = match &argmax_ids {
+        let gpu_ids = match &argmax_ids {
             Some(t) => t.to_u32_vec(ctx)?,
             None => Vec::new(),
         };
@@ -554,7 +570,7 @@ impl LLMEngine {
                 );
                 (s.token, Some((s.logprob, s.top)))
             } else {
-                (greedy_ids[row], None)
+                (gpu_ids[row], None)
             };
             toks.tokens.push(token);
             if let Some((own, top)) = lp {

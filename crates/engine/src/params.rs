@@ -239,11 +239,25 @@ impl SamplingParams {
     /// sampling without logprobs, penalties, logit bias or `min_tokens` (which a device
     /// argmax can do alone). Prompt logprobs are a separate matter and not counted here.
     pub fn needs_logits(&self) -> bool {
-        !self.is_greedy()
-            || self.logprobs.is_some()
+        let processed = self.logprobs.is_some()
             || self.has_penalties()
             || !self.logit_bias.is_empty()
-            || self.min_tokens > 0
+            || self.min_tokens > 0;
+        processed || (!self.is_greedy() && !self.sampled_on_gpu())
+    }
+
+    /// Whether the GPU draws this request's tokens (`kernels::sample`): temperature and
+    /// min-p with nothing that reorders or reshapes the distribution first (penalties,
+    /// logit bias, `min_tokens`) or that needs it sorted (top-k, top-p), and no logprobs.
+    /// Only the token comes back; other sampled requests download their logits rows.
+    pub fn sampled_on_gpu(&self) -> bool {
+        !self.is_greedy()
+            && self.top_k <= 0
+            && self.top_p >= 1.0
+            && self.logprobs.is_none()
+            && !self.has_penalties()
+            && self.logit_bias.is_empty()
+            && self.min_tokens == 0
     }
 
     /// The most characters (Unicode scalar values, as Python's `len`) a stop string spans;
@@ -450,7 +464,19 @@ mod tests {
     fn needs_logits_only_beyond_plain_greedy() {
         let greedy = SamplingParams::greedy();
         assert!(!greedy.needs_logits());
-        assert!(SamplingParams::default().needs_logits());
+        // Temperature (and min-p) alone: drawn on the GPU.
+        let default = SamplingParams::default();
+        assert!(default.sampled_on_gpu() && !default.needs_logits());
+        let mut p = SamplingParams::default();
+        p.min_p = 0.1;
+        assert!(p.sampled_on_gpu() && !p.needs_logits());
+        // Top-k or top-p need the sorted distribution: the CPU sampler.
+        p.top_p = 0.9;
+        assert!(!p.sampled_on_gpu() && p.needs_logits());
+        let mut p = SamplingParams::default();
+        p.top_k = 40;
+        assert!(!p.sampled_on_gpu() && p.needs_logits());
+        assert!(!greedy.sampled_on_gpu());
         let with = |edit: fn(&mut SamplingParams)| {
             let mut p = SamplingParams::greedy();
             edit(&mut p);

@@ -39,6 +39,13 @@ pub struct SeqSampling {
 }
 
 impl SeqSampling {
+    /// The one uniform draw in [0, 1) a GPU-sampled token takes from this sequence's
+    /// generator (as a CPU sample takes one), as f32 strictly below 1.
+    pub fn uniform_f32(&mut self) -> f32 {
+        let u: f64 = self.rng.random();
+        (u as f32).min(1.0 - f32::EPSILON / 2.0)
+    }
+
     /// Seeds the generator from `params.seed`, or else from `fallback_seed`, which the
     /// engine derives from its own seed and a per-sequence counter.
     pub fn new(params: &SamplingParams, fallback_seed: u64) -> Self {

@@ -263,6 +263,54 @@ fn seeded_sampling_reproduces_whatever_the_batch() {
 }
 
 #[test]
+fn gpu_sampled_requests_reproduce_whatever_the_batch() {
+    // Temperature and min-p only: the GPU draws these tokens with the request's own
+    // uniform draws, so the batch around a request cannot change them.
+    let mut m = llm(|_| {});
+    let ps = prompts(6, 4);
+    let seeded = SamplingParams {
+        temperature: 1.3,
+        min_p: 0.02,
+        seed: Some(77),
+        max_tokens: Some(10),
+        ..Default::default()
+    };
+    assert!(seeded.sampled_on_gpu());
+    let alone = ids_of(
+        &m.generate(
+            vec![Prompt::Ids(ps[0].clone())],
+            std::slice::from_ref(&seeded),
+        )
+        .unwrap(),
+    );
+    let mut params = vec![seeded.clone(), greedy(10)];
+    params.push(SamplingParams {
+        top_p: 0.8,
+        ..seeded.clone()
+    });
+    params.extend((3..6).map(|i| SamplingParams {
+        temperature: 0.7,
+        seed: Some(i),
+        max_tokens: Some(10),
+        ..Default::default()
+    }));
+    let batch = m
+        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+        .unwrap();
+    assert_eq!(batch[0].outputs[0].token_ids, alone[0]);
+    let other = SamplingParams {
+        seed: Some(78),
+        ..seeded.clone()
+    };
+    let diff = ids_of(
+        &m.generate(vec![Prompt::Ids(ps[0].clone())], &[other])
+            .unwrap(),
+    );
+    assert_ne!(diff[0], alone[0], "another seed should sample differently");
+    assert_eq!(m.engine.kv_blocks_in_use(), 0);
+}
+
+#[test]
 fn stop_strings_tokens_and_min_tokens() {
     let mut m = llm(|_| {});
     let p = prompts(1, 4).remove(0);

@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 const SRC: &str = wgsl!("argmax.wgsl");
 
 /// Logits per workgroup in the first pass.
-const BLOCK: u32 = 4096;
+pub(crate) const BLOCK: u32 = 4096;
 
 fn blocks_kernel() -> Kernel {
     Kernel::new("argmax.wgsl", SRC, "argmax_blocks").u32("BLOCK", BLOCK)
@@ -34,17 +34,28 @@ pub fn argmax(step: &mut Step, logits: &Tensor, ids: &Tensor) -> Result<()> {
     let blocks = n.div_ceil(BLOCK as usize).max(1);
     let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
     let params = [m as u32, n as u32, blocks as u32];
-    step.dispatch(
-        &blocks_kernel(),
-        &[logits, &partial],
-        &params,
-        grid(step.ctx, m * blocks),
-    )?;
+    record_blocks(step, logits, &partial, &params, m * blocks)?;
     step.dispatch_at(
         &rows_kernel(),
         &[(1, &partial), (2, ids)],
         &params,
         grid(step.ctx, m),
+    )
+}
+
+/// The first pass: each BLOCK-wide slice of a row to its (max value bits, index).
+pub(crate) fn record_blocks(
+    step: &mut Step,
+    logits: &Tensor,
+    partial: &Tensor,
+    params: &[u32; 3],
+    groups: usize,
+) -> Result<()> {
+    step.dispatch(
+        &blocks_kernel(),
+        &[logits, partial],
+        params,
+        grid(step.ctx, groups),
     )
 }
 

@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod moe;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sample;
 pub mod softmax;
 
 use crate::dtype::DType;
@@ -67,6 +68,7 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(activation::variants());
     v.extend(softmax::variants());
     v.extend(argmax::variants());
+    v.extend(sample::variants());
     v.extend(copy::variants());
     v.extend(attention::variants(coop_sizes));
     v.extend(fill::variants());

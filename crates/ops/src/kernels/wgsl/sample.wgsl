@@ -1,0 +1,185 @@
+// Random sampling on the GPU (temperature and min-p), so that only one id per row comes
+// back. Row r's parameters are (temperature, min_p, u, 0): weights are
+// w_i = exp((x_i - max) / T), zero where w_i < min_p (min-p: p_i >= min_p * p_max) and for
+// NaN or -inf logits, and the token is the inverse CDF at u * sum(w) over ids in
+// increasing order. T <= 0 (greedy), a row with nothing finite, or zero total weight
+// give the argmax. After argmax_blocks (argmax.wgsl), whose per-block (max, index) pairs
+// give each row its max and its argmax:
+//   sample_sums: one workgroup per (row, BLOCK-wide block): the block's weight sum;
+//   sample_pick: one workgroup per row: the block holding the draw (serially over the
+//                row's block sums), then within it a workgroup scan of 16-entry runs and
+//                a walk of the run holding the draw.
+// Prelude: BLOCK (4096: 256 invocations x 16 entries).
+struct Params {
+    m: u32,
+    n: u32,
+    blocks: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> partial: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read> row_params: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> sums: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ids: array<u32>;
+
+const RUN: u32 = BLOCK / 256u;
+const NOT_FOUND: u32 = 0xffffffffu;
+
+var<workgroup> found: atomic<u32>;
+var<workgroup> last_positive: atomic<u32>;
+
+// The largest non-NaN block maximum of the row (-3.4e38 when there is none).
+fn row_max(row: u32) -> f32 {
+    var mx = -3.4e38;
+    for (var b = 0u; b < p.blocks; b++) {
+        let v = bitcast<f32>(partial[row * p.blocks + b].x);
+        if v > mx {
+            mx = v;
+        }
+    }
+    return mx;
+}
+
+fn weight(x: f32, mx: f32, t: f32, min_p: f32) -> f32 {
+    let z = (x - mx) / t;
+    // NaN and -inf (and anything below exp's range) weigh nothing.
+    if !(z > -87.0) {
+        return 0.0;
+    }
+    let w = exp(min(z, 0.0));
+    if min_p > 0.0 && w < min_p {
+        return 0.0;
+    }
+    return w;
+}
+
+@compute @workgroup_size(256)
+fn sample_sums(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+               @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
+    let g = wg.x + wg.y * nwg.x;
+    if g >= p.m * p.blocks {
+        return;
+    }
+    let row = g / p.blocks;
+    let b = g - row * p.blocks;
+    let rp = row_params[row];
+    var s = 0.0;
+    if rp.x > 0.0 {
+        let mx = row_max(row);
+        let hi = min(b * BLOCK + BLOCK, p.n);
+        for (var i = b * BLOCK + li; i < hi; i += 256u) {
+            s += weight(logits[row * p.n + i], mx, rp.x, rp.y);
+        }
+    }
+    let total = wg_sum(s, sg, lane, nsg);
+    if li == 0u {
+        sums[g] = total;
+    }
+}
+
+@compute @workgroup_size(256)
+fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+               @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if row >= p.m {
+        return;
+    }
+    let rp = row_params[row];
+    // The argmax (lowest index on ties), the greedy answer and every fallback.
+    var best_v = -3.4e38;
+    var best_i = NOT_FOUND;
+    for (var b = 0u; b < p.blocks; b++) {
+        let c = partial[row * p.blocks + b];
+        let v = bitcast<f32>(c.x);
+        if v > best_v || best_i == NOT_FOUND {
+            best_v = v;
+            best_i = c.y;
+        }
+    }
+    // The block holding the draw u * total.
+    var total = 0.0;
+    for (var b = 0u; b < p.blocks; b++) {
+        total += sums[row * p.blocks + b];
+    }
+    var goal = rp.z * total;
+    var block = NOT_FOUND;
+    var last = NOT_FOUND;
+    for (var b = 0u; b < p.blocks; b++) {
+        let s = sums[row * p.blocks + b];
+        if s > 0.0 {
+            last = b;
+            if block == NOT_FOUND {
+                if goal < s {
+                    block = b;
+                } else {
+                    goal -= s;
+                }
+            }
+        }
+    }
+    if block == NOT_FOUND && last != NOT_FOUND {
+        // Rounding left the goal past the end: the last block with weight.
+        block = last;
+        goal = sums[row * p.blocks + last];
+    }
+    if li == 0u {
+        atomicStore(&found, NOT_FOUND);
+        atomicStore(&last_positive, 0u);
+    }
+    // (No early return for greedy rows: the barriers below must be reached by all.)
+    let drawing = rp.x > 0.0 && block != NOT_FOUND;
+    // Within the block: this invocation's run of RUN entries, its weight, and the
+    // weight of the runs before it.
+    let mx = row_max(row);
+    let lo = block * BLOCK + li * RUN;
+    let hi = min(lo + RUN, p.n);
+    var s = 0.0;
+    if drawing {
+        for (var i = lo; i < hi; i++) {
+            s += weight(logits[row * p.n + i], mx, rp.x, rp.y);
+        }
+    }
+    let before_sg = subgroupExclusiveAdd(s);
+    let sg_total = subgroupAdd(s);
+    if lane == 0u {
+        red_f32[sg] = sg_total;
+    }
+    workgroupBarrier();
+    var before = before_sg;
+    for (var k = 0u; k < sg; k++) {
+        before += red_f32[k];
+    }
+    if s > 0.0 {
+        var c = before;
+        var pos = NOT_FOUND;
+        for (var i = lo; i < hi; i++) {
+            let w = weight(logits[row * p.n + i], mx, rp.x, rp.y);
+            if w > 0.0 {
+                pos = i;
+                c += w;
+                if c > goal {
+                    break;
+                }
+            }
+        }
+        if before <= goal && goal < before + s {
+            atomicMin(&found, pos);
+        }
+        atomicMax(&last_positive, pos + 1u);
+    }
+    workgroupBarrier();
+    if li == 0u {
+        var id = atomicLoad(&found);
+        if id == NOT_FOUND {
+            // Rounding left the goal past the last run: its last positive entry.
+            id = atomicLoad(&last_positive) - 1u;
+        }
+        if !drawing || atomicLoad(&last_positive) == 0u {
+            id = best_i;
+        }
+        ids[row] = id;
+    }
+}
