@@ -467,14 +467,18 @@ mod tests {
         // Temperature (and min-p) alone: drawn on the GPU.
         let default = SamplingParams::default();
         assert!(default.sampled_on_gpu() && !default.needs_logits());
-        let mut p = SamplingParams::default();
-        p.min_p = 0.1;
+        let mut p = SamplingParams {
+            min_p: 0.1,
+            ..Default::default()
+        };
         assert!(p.sampled_on_gpu() && !p.needs_logits());
         // Top-k or top-p need the sorted distribution: the CPU sampler.
         p.top_p = 0.9;
         assert!(!p.sampled_on_gpu() && p.needs_logits());
-        let mut p = SamplingParams::default();
-        p.top_k = 40;
+        let p = SamplingParams {
+            top_k: 40,
+            ..Default::default()
+        };
         assert!(!p.sampled_on_gpu() && p.needs_logits());
         assert!(!greedy.sampled_on_gpu());
         let with = |edit: fn(&mut SamplingParams)| {
