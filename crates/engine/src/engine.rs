@@ -5,10 +5,11 @@
 //! prefix cache when it is on). Each step: the scheduler picks the sequences and token
 //! counts; the batch is laid out as the attention metadata wants it (each sequence's new
 //! tokens in turn, its block table from the KV manager); the model records its forward and
-//! the GPU sampler over the rows that need a token (argmax for greedy rows; temperature
-//! and min-p draws with a uniform from the request's own generator); one submission; then
-//! those rows read back one id each, and only rows that need the processed distribution
-//! (penalties, logit bias, min_tokens, top-k, top-p, logprobs) read their logits; full blocks are registered for prefix caching; new tokens are detokenized and
+//! the GPU sampler over the rows that need a token (argmax for greedy rows; temperature,
+//! min-p, top-k and top-p draws with a uniform from the request's own generator); one
+//! submission; then those rows read back one id each, and only rows whose logits are
+//! processed first (penalties, logit bias, min_tokens) or that want logprobs read their
+//! logits; full blocks are registered for prefix caching; new tokens are detokenized and
 //! checked against the stop conditions; finished sequences free their blocks.
 
 use std::collections::HashMap;
@@ -504,6 +505,8 @@ impl LLMEngine {
                     Some(seq) if seq.params.sampled_on_gpu() => RowSampling {
                         temperature: seq.params.temperature.max(MIN_TEMPERATURE),
                         min_p: seq.params.min_p,
+                        top_k: seq.params.top_k.max(0) as u32,
+                        top_p: seq.params.top_p,
                         u: seq.sampling.uniform_f32(),
                     },
                     _ => RowSampling::GREEDY,

@@ -246,14 +246,12 @@ impl SamplingParams {
         processed || (!self.is_greedy() && !self.sampled_on_gpu())
     }
 
-    /// Whether the GPU draws this request's tokens (`kernels::sample`): temperature and
-    /// min-p with nothing that reorders or reshapes the distribution first (penalties,
-    /// logit bias, `min_tokens`) or that needs it sorted (top-k, top-p), and no logprobs.
-    /// Only the token comes back; other sampled requests download their logits rows.
+    /// Whether the GPU draws this request's tokens (`kernels::sample`: temperature, min-p,
+    /// top-k, top-p): nothing reorders or reshapes the distribution first (penalties,
+    /// logit bias, `min_tokens`) and no logprobs are asked for. Only the token comes back;
+    /// other sampled requests download their logits rows.
     pub fn sampled_on_gpu(&self) -> bool {
         !self.is_greedy()
-            && self.top_k <= 0
-            && self.top_p >= 1.0
             && self.logprobs.is_none()
             && !self.has_penalties()
             && self.logit_bias.is_empty()
@@ -464,19 +462,17 @@ mod tests {
     fn needs_logits_only_beyond_plain_greedy() {
         let greedy = SamplingParams::greedy();
         assert!(!greedy.needs_logits());
-        // Temperature (and min-p) alone: drawn on the GPU.
-        let default = SamplingParams::default();
-        assert!(default.sampled_on_gpu() && !default.needs_logits());
-        let mut p = SamplingParams {
+        // Temperature, min-p, top-k and top-p: drawn on the GPU.
+        let p = SamplingParams {
             min_p: 0.1,
+            top_k: 40,
+            top_p: 0.9,
             ..Default::default()
         };
         assert!(p.sampled_on_gpu() && !p.needs_logits());
-        // Top-k or top-p need the sorted distribution: the CPU sampler.
-        p.top_p = 0.9;
-        assert!(!p.sampled_on_gpu() && p.needs_logits());
+        // Anything that processes the logits first: the CPU sampler.
         let p = SamplingParams {
-            top_k: 40,
+            repetition_penalty: 1.2,
             ..Default::default()
         };
         assert!(!p.sampled_on_gpu() && p.needs_logits());

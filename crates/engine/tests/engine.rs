@@ -264,13 +264,15 @@ fn seeded_sampling_reproduces_whatever_the_batch() {
 
 #[test]
 fn gpu_sampled_requests_reproduce_whatever_the_batch() {
-    // Temperature and min-p only: the GPU draws these tokens with the request's own
+    // The GPU draws these tokens (temperature, min-p, top-k, top-p) with the request's own
     // uniform draws, so the batch around a request cannot change them.
     let mut m = llm(|_| {});
     let ps = prompts(6, 4);
     let seeded = SamplingParams {
         temperature: 1.3,
         min_p: 0.02,
+        top_k: 20,
+        top_p: 0.9,
         seed: Some(77),
         max_tokens: Some(10),
         ..Default::default()
@@ -284,8 +286,9 @@ fn gpu_sampled_requests_reproduce_whatever_the_batch() {
         .unwrap(),
     );
     let mut params = vec![seeded.clone(), greedy(10)];
+    // A neighbour the CPU samples (its logits are processed first).
     params.push(SamplingParams {
-        top_p: 0.8,
+        repetition_penalty: 1.3,
         ..seeded.clone()
     });
     params.extend((3..6).map(|i| SamplingParams {

@@ -1,5 +1,6 @@
-//! GPU sampling (temperature, min-p, greedy) against an f64 CPU inverse CDF: the same
-//! token wherever the draw is not within rounding of a boundary between two tokens.
+//! GPU sampling (temperature, min-p, top-k, top-p, greedy) against an f64 CPU reference:
+//! the same token wherever neither the draw nor the top-p cut is within rounding of a
+//! boundary between two tokens.
 
 mod common;
 use common::*;
@@ -29,11 +30,13 @@ fn draws_match_the_inverse_cdf() {
     // Vocabulary sizes around the 4096-entry blocks, and a real one.
     for (n, scale) in [(4097usize, 3.0f32), (1000, 1.0), (49152, 4.0), (8192, 8.0)] {
         let mut rows = Vec::new();
-        for k in 0..12 {
+        for k in 0..24 {
             let row = randn(&mut r, n, scale);
             let p = RowSampling {
                 temperature: [0.0, 0.3, 1.0, 2.5][k % 4],
                 min_p: [0.0, 0.0, 0.05, 0.3][(k / 4) % 4],
+                top_k: [0, 1, 40, 0, 3000, 0][k % 6],
+                top_p: [1.0, 1.0, 0.9, 0.5, 1.0, 0.97][(k / 2) % 6],
                 u: if k == 11 {
                     0.999_999_9
                 } else {
@@ -54,7 +57,7 @@ fn draws_match_the_inverse_cdf() {
         }
     }
     assert!(
-        checked > 40,
+        checked > 80,
         "only {checked} draws were far enough from a boundary"
     );
 }
@@ -69,8 +72,8 @@ fn degenerate_rows_fall_back_to_the_argmax() {
     with_nan[4999] = 50.0;
     let hot = RowSampling {
         temperature: 1.0,
-        min_p: 0.0,
         u: 0.7,
+        ..RowSampling::GREEDY
     };
     let rows = vec![
         (one_finite, hot),
@@ -88,6 +91,50 @@ fn degenerate_rows_fall_back_to_the_argmax() {
 }
 
 #[test]
+fn truncation_keeps_exactly_the_top_tokens() {
+    // Distinct logits 0, -1, -2, ...: top-k 3 may only give ids 0..3; top-p 0.5 at
+    // T = 1 keeps id 0 alone (e^0 / sum = 0.63 reaches 0.5 by itself).
+    let n = 300;
+    let row: Vec<f32> = (0..n).map(|i| -(i as f32)).collect();
+    let mut rows = Vec::new();
+    for k in 0..64 {
+        let u = (k as f32 + 0.5) / 64.0;
+        rows.push((
+            row.clone(),
+            RowSampling {
+                temperature: 1.0,
+                top_k: 3,
+                u,
+                ..RowSampling::GREEDY
+            },
+        ));
+        rows.push((
+            row.clone(),
+            RowSampling {
+                temperature: 1.0,
+                top_p: 0.5,
+                u,
+                ..RowSampling::GREEDY
+            },
+        ));
+    }
+    let got = run(n, &rows);
+    for (i, g) in got.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(*g < 3, "top-k 3 drew id {g}");
+        } else {
+            assert_eq!(*g, 0, "top-p 0.5 drew id {g}");
+        }
+    }
+    for id in 0..3u32 {
+        assert!(
+            got.iter().step_by(2).any(|&g| g == id),
+            "top-k 3 never drew {id}"
+        );
+    }
+}
+
+#[test]
 fn frequencies_follow_the_distribution() {
     // Many rows of the same logits with evenly spread draws: each token's share of the
     // draws is its probability (to within one draw in 256).
@@ -101,8 +148,8 @@ fn frequencies_follow_the_distribution() {
                 logits.clone(),
                 RowSampling {
                     temperature: t,
-                    min_p: 0.0,
                     u: (k as f32 + 0.5) / draws as f32,
+                    ..RowSampling::GREEDY
                 },
             )
         })

@@ -38,6 +38,15 @@ pub struct Args {
     /// KV-cache blocks of 16 tokens (default: enough for the largest batch).
     #[arg(long)]
     blocks: Option<usize>,
+    /// Sampling temperature (0: greedy). Temperature alone is drawn on the GPU.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Repetition penalty (1: off); other than 1 the CPU samples from downloaded logits.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
@@ -87,8 +96,32 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         ctx.info.name,
         ctx.info.backend
     );
+    let params = SamplingParams {
+        max_tokens: Some(args.tokens),
+        ignore_eos: true,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        ..SamplingParams::greedy()
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let how = if params.is_greedy() {
+        "greedy".to_string()
+    } else {
+        format!(
+            "temperature {}, top_p {}, repetition_penalty {} ({} sampling)",
+            args.temperature,
+            args.top_p,
+            args.repetition_penalty,
+            if params.sampled_on_gpu() {
+                "GPU"
+            } else {
+                "CPU"
+            }
+        )
+    };
     println!(
-        "{} prompt tokens + {} generated per request, greedy, eos ignored",
+        "{} prompt tokens + {} generated per request, {how}, eos ignored",
         args.prompt, args.tokens
     );
     println!(
@@ -96,11 +129,6 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         "batch", "tok/s", "scaling", "seconds"
     );
     let vocab = engine.model.cfg.vocab as u32;
-    let params = SamplingParams {
-        max_tokens: Some(args.tokens),
-        ignore_eos: true,
-        ..SamplingParams::greedy()
-    };
     // Warm-up: pipelines compiled, pool filled.
     let warm = SamplingParams {
         max_tokens: Some(2),

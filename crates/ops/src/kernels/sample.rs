@@ -1,4 +1,5 @@
-//! Random sampling on the GPU: temperature and min-p, one id per row back to the CPU
+//! Random sampling on the GPU: temperature, min-p, top-k and top-p, one id per row back
+//! to the CPU
 //! (greedy rows get the argmax from the same dispatches). The uniform draw `u` of each row
 //! comes from the caller (the request's seeded generator), so a row's token depends only
 //! on its logits, its parameters and its own draw: not on the rest of the batch.
@@ -17,15 +18,21 @@ fn kernel(entry: &'static str) -> Kernel {
 }
 
 pub(crate) fn variants() -> Vec<Kernel> {
-    vec![kernel("sample_sums"), kernel("sample_pick")]
+    vec![
+        kernel("sample_threshold"),
+        kernel("sample_sums"),
+        kernel("sample_pick"),
+    ]
 }
 
-/// Per-row parameters of [`sample`]: temperature (<= 0: greedy), min-p (0: off) and the
-/// uniform draw in [0, 1).
+/// Per-row parameters of [`sample`]: temperature (<= 0: greedy), min-p (0: off), top-k
+/// (0: off), top-p (1: off) and the uniform draw in [0, 1).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowSampling {
     pub temperature: f32,
     pub min_p: f32,
+    pub top_k: u32,
+    pub top_p: f32,
     pub u: f32,
 }
 
@@ -33,17 +40,23 @@ impl RowSampling {
     pub const GREEDY: RowSampling = RowSampling {
         temperature: 0.0,
         min_p: 0.0,
+        top_k: 0,
+        top_p: 1.0,
         u: 0.0,
     };
 }
 
-/// Uploads per-row parameters as [`sample`] reads them (`[rows, 4]` f32).
+/// Uploads per-row parameters as [`sample`] reads them (`[rows, 8]` f32; top-k is exact
+/// in f32 up to 2^24, far beyond any vocabulary).
 pub fn upload_params(ctx: &crate::GpuContext, rows: &[RowSampling]) -> Result<Tensor> {
     let flat: Vec<f32> = rows
         .iter()
-        .flat_map(|r| [r.temperature, r.min_p, r.u, 0.0])
+        .flat_map(|r| {
+            let k = r.top_k.min(1 << 24) as f32;
+            [r.temperature, r.min_p, r.u, r.top_p, k, 0.0, 0.0, 0.0]
+        })
         .collect();
-    ctx.upload_f32(&[rows.len(), 4], DType::F32, &flat)
+    ctx.upload_f32(&[rows.len(), 8], DType::F32, &flat)
 }
 
 /// `ids[m]`: row m of `logits` sampled with `params[m]` (see [`RowSampling`]).
@@ -54,21 +67,41 @@ pub fn sample(step: &mut Step, logits: &Tensor, params: &Tensor, ids: &Tensor) -
     let n = logits.dim_back(0);
     let m = logits.rows();
     expect_len("sample", "ids", ids, m)?;
-    expect_len("sample", "params", params, 4 * m)?;
+    expect_len("sample", "params", params, 8 * m)?;
     let blocks = n.div_ceil(argmax::BLOCK as usize).max(1);
     let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
     let sums = step.ctx.empty(&[m * blocks], DType::F32)?;
+    let thresholds = step.ctx.empty(&[m], DType::U32)?;
     let p = [m as u32, n as u32, blocks as u32];
     argmax::record_blocks(step, logits, &partial, &p, m * blocks)?;
-    step.dispatch(
+    step.dispatch_at(
+        &kernel("sample_threshold"),
+        &[(0, logits), (1, &partial), (2, params), (5, &thresholds)],
+        &p,
+        grid(step.ctx, m),
+    )?;
+    step.dispatch_at(
         &kernel("sample_sums"),
-        &[logits, &partial, params, &sums],
+        &[
+            (0, logits),
+            (1, &partial),
+            (2, params),
+            (3, &sums),
+            (5, &thresholds),
+        ],
         &p,
         grid(step.ctx, m * blocks),
     )?;
-    step.dispatch(
+    step.dispatch_at(
         &kernel("sample_pick"),
-        &[logits, &partial, params, &sums, ids],
+        &[
+            (0, logits),
+            (1, &partial),
+            (2, params),
+            (3, &sums),
+            (4, ids),
+            (5, &thresholds),
+        ],
         &p,
         grid(step.ctx, m),
     )
@@ -77,10 +110,13 @@ pub fn sample(step: &mut Step, logits: &Tensor, params: &Tensor, ids: &Tensor) -
 pub mod cpu {
     use super::RowSampling;
 
-    /// The token [`super::sample`] draws, in f64: the inverse CDF over ids in order. Also
-    /// returns how far (as a share of the total weight) `u` lies from the nearest
-    /// boundary between tokens, for tests that skip draws rounding could flip.
+    /// The token [`super::sample`] draws, in f64: min-p, top-k (ties kept), top-p (the
+    /// smallest set of largest logits reaching `top_p` of the mass, ties kept), then the
+    /// inverse CDF over ids in order. Also returns how far, as a share of the total
+    /// weight, the draw and the top-p cut lie from a boundary, for tests that skip cases
+    /// rounding could flip.
     pub fn sample(row: &[f32], r: RowSampling) -> (u32, f64) {
+        let value = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
         let argmax = row
             .iter()
             .enumerate()
@@ -95,12 +131,8 @@ pub mod cpu {
         if r.temperature <= 0.0 {
             return (argmax, 1.0);
         }
-        let mx = row
-            .iter()
-            .copied()
-            .filter(|x| !x.is_nan())
-            .fold(f32::MIN, f32::max);
-        let w: Vec<f64> = row
+        let mx = row.iter().copied().map(value).fold(f32::MIN, f32::max);
+        let mut w: Vec<f64> = row
             .iter()
             .map(|&x| {
                 let z = (f64::from(x) - f64::from(mx)) / f64::from(r.temperature);
@@ -115,16 +147,51 @@ pub mod cpu {
                 }
             })
             .collect();
+        let mut by_value: Vec<usize> = (0..row.len()).collect();
+        by_value.sort_by(|&a, &b| value(row[b]).total_cmp(&value(row[a])));
+        let k = r.top_k as usize;
+        if k > 0 && k < row.len() {
+            let cut = value(row[by_value[k - 1]]);
+            for (wi, &x) in w.iter_mut().zip(row) {
+                if value(x) < cut {
+                    *wi = 0.0;
+                }
+            }
+        }
+        let mut margin = 1.0f64;
+        if r.top_p < 1.0 {
+            let total: f64 = w.iter().sum();
+            let goal = f64::from(r.top_p) * total;
+            let mut cum = 0.0;
+            let mut i = 0;
+            while i < by_value.len() {
+                let v = value(row[by_value[i]]);
+                let before = cum;
+                while i < by_value.len() && value(row[by_value[i]]) == v {
+                    cum += w[by_value[i]];
+                    i += 1;
+                }
+                if cum >= goal && cum > 0.0 {
+                    margin = margin.min((cum - goal).min(goal - before).abs() / total);
+                    for (wi, &x) in w.iter_mut().zip(row) {
+                        if value(x) < v {
+                            *wi = 0.0;
+                        }
+                    }
+                    break;
+                }
+            }
+        }
         let total: f64 = w.iter().sum();
         if total <= 0.0 {
             return (argmax, 1.0);
         }
-        let target = f64::from(r.u) * total;
+        let goal = f64::from(r.u) * total;
         let mut c = 0.0;
         for (i, &wi) in w.iter().enumerate() {
-            if wi > 0.0 && c + wi > target {
-                let margin = (target - c).min(c + wi - target) / total;
-                return (i as u32, margin);
+            if wi > 0.0 && c + wi > goal {
+                let m = (goal - c).min(c + wi - goal) / total;
+                return (i as u32, margin.min(m));
             }
             c += wi;
         }

@@ -1,10 +1,15 @@
-// Random sampling on the GPU (temperature and min-p), so that only one id per row comes
-// back. Row r's parameters are (temperature, min_p, u, 0): weights are
-// w_i = exp((x_i - max) / T), zero where w_i < min_p (min-p: p_i >= min_p * p_max) and for
-// NaN or -inf logits, and the token is the inverse CDF at u * sum(w) over ids in
-// increasing order. T <= 0 (greedy), a row with nothing finite, or zero total weight
-// give the argmax. After argmax_blocks (argmax.wgsl), whose per-block (max, index) pairs
-// give each row its max and its argmax:
+// Random sampling on the GPU (temperature, min-p, top-k, top-p), so that only one id per
+// row comes back. Row r's parameters are two vec4: (temperature, min_p, u, top_p) and
+// (top_k, 0, 0, 0). Weights are w_i = exp((x_i - max) / T), zero where w_i < min_p (min-p:
+// p_i >= min_p * p_max), for NaN or -inf logits, and below the row's threshold (top-k:
+// the k-th largest logit, ties kept; top-p: the smallest set of the largest logits whose
+// weight reaches top_p of what top-k kept); the token is the inverse CDF at u * sum(w)
+// over ids in increasing order. T <= 0 (greedy), a row with nothing finite, or zero total
+// weight give the argmax. After argmax_blocks (argmax.wgsl), whose per-block (max, index)
+// pairs give each row its max and its argmax:
+//   sample_threshold: one workgroup per row: top-k and top-p thresholds by bisection over
+//                the order-preserving u32 keys of the logits (32 counting or weighing
+//                passes each, only for rows that ask);
 //   sample_sums: one workgroup per (row, BLOCK-wide block): the block's weight sum;
 //   sample_pick: one workgroup per row: the block holding the draw (serially over the
 //                row's block sums), then within it a workgroup scan of 16-entry runs and
@@ -22,6 +27,7 @@ var<immediate> p: Params;
 @group(0) @binding(2) var<storage, read> row_params: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> sums: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(5) var<storage, read_write> thresholds: array<u32>;
 
 const RUN: u32 = BLOCK / 256u;
 const NOT_FOUND: u32 = 0xffffffffu;
@@ -41,7 +47,19 @@ fn row_max(row: u32) -> f32 {
     return mx;
 }
 
-fn weight(x: f32, mx: f32, t: f32, min_p: f32) -> f32 {
+// Order-preserving key of a logit (NaN lowest, with -inf).
+fn key(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if x != x {
+        return 0u;
+    }
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+fn weight(x: f32, mx: f32, t: f32, min_p: f32, tkey: u32) -> f32 {
+    if key(x) < tkey {
+        return 0.0;
+    }
     let z = (x - mx) / t;
     // NaN and -inf (and anything below exp's range) weigh nothing.
     if !(z > -87.0) {
@@ -54,6 +72,74 @@ fn weight(x: f32, mx: f32, t: f32, min_p: f32) -> f32 {
     return w;
 }
 
+// Sum over the row of `w` (count = false: weights above `tkey` and `t`; true: 1 per
+// logit whose key is at least `t`), in every invocation.
+fn row_total(row: u32, mx: f32, rp: vec4<f32>, base: u32, t: u32, count: bool,
+             li: u32, sg: u32, lane: u32, nsg: u32) -> f32 {
+    var s = 0.0;
+    for (var i = li; i < p.n; i += 256u) {
+        let x = logits[row * p.n + i];
+        if count {
+            s += select(0.0, 1.0, key(x) >= t);
+        } else {
+            s += weight(x, mx, rp.x, rp.y, max(base, t));
+        }
+    }
+    return wg_sum(s, sg, lane, nsg);
+}
+
+@compute @workgroup_size(256)
+fn sample_threshold(@builtin(workgroup_id) wg: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+                    @builtin(subgroup_invocation_id) lane: u32,
+                    @builtin(num_subgroups) nsg: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if row >= p.m {
+        return;
+    }
+    let rp = row_params[2u * row];
+    let top_k = u32(row_params[2u * row + 1u].x);
+    let top_p = rp.w;
+    let mx = row_max(row);
+    // top-k: the largest key t with at least k logits at or above it.
+    var tk = 0u;
+    if rp.x > 0.0 && top_k > 0u && top_k < p.n {
+        var hi = 0xffffffffu;
+        for (var it = 0u; it < 32u; it++) {
+            let mid = tk + ((hi - tk) >> 1u) + ((hi - tk) & 1u);
+            let c = row_total(row, mx, rp, 0u, mid, true, li, sg, lane, nsg);
+            if tk < hi {
+                if c >= f32(top_k) {
+                    tk = mid;
+                } else {
+                    hi = mid - 1u;
+                }
+            }
+        }
+    }
+    // top-p: the largest key t >= tk whose weight at or above reaches top_p of the total.
+    var tp = tk;
+    if rp.x > 0.0 && top_p < 1.0 {
+        let goal = top_p * row_total(row, mx, rp, tk, tk, false, li, sg, lane, nsg);
+        var hi = 0xffffffffu;
+        for (var it = 0u; it < 32u; it++) {
+            let mid = tp + ((hi - tp) >> 1u) + ((hi - tp) & 1u);
+            let w = row_total(row, mx, rp, tk, mid, false, li, sg, lane, nsg);
+            if tp < hi {
+                if w >= goal && w > 0.0 {
+                    tp = mid;
+                } else {
+                    hi = mid - 1u;
+                }
+            }
+        }
+    }
+    if li == 0u {
+        thresholds[row] = tp;
+    }
+}
+
 @compute @workgroup_size(256)
 fn sample_sums(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
@@ -64,13 +150,14 @@ fn sample_sums(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     }
     let row = g / p.blocks;
     let b = g - row * p.blocks;
-    let rp = row_params[row];
+    let rp = row_params[2u * row];
+    let tkey = thresholds[row];
     var s = 0.0;
     if rp.x > 0.0 {
         let mx = row_max(row);
         let hi = min(b * BLOCK + BLOCK, p.n);
         for (var i = b * BLOCK + li; i < hi; i += 256u) {
-            s += weight(logits[row * p.n + i], mx, rp.x, rp.y);
+            s += weight(logits[row * p.n + i], mx, rp.x, rp.y, tkey);
         }
     }
     let total = wg_sum(s, sg, lane, nsg);
@@ -87,7 +174,8 @@ fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     if row >= p.m {
         return;
     }
-    let rp = row_params[row];
+    let rp = row_params[2u * row];
+    let tkey = thresholds[row];
     // The argmax (lowest index on ties), the greedy answer and every fallback.
     var best_v = -3.4e38;
     var best_i = NOT_FOUND;
@@ -139,7 +227,7 @@ fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     var s = 0.0;
     if drawing {
         for (var i = lo; i < hi; i++) {
-            s += weight(logits[row * p.n + i], mx, rp.x, rp.y);
+            s += weight(logits[row * p.n + i], mx, rp.x, rp.y, tkey);
         }
     }
     let before_sg = subgroupExclusiveAdd(s);
@@ -156,7 +244,7 @@ fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         var c = before;
         var pos = NOT_FOUND;
         for (var i = lo; i < hi; i++) {
-            let w = weight(logits[row * p.n + i], mx, rp.x, rp.y);
+            let w = weight(logits[row * p.n + i], mx, rp.x, rp.y, tkey);
             if w > 0.0 {
                 pos = i;
                 c += w;
