@@ -7,9 +7,9 @@
 // over ids in increasing order. T <= 0 (greedy), a row with nothing finite, or zero total
 // weight give the argmax. After argmax_blocks (argmax.wgsl), whose per-block (max, index)
 // pairs give each row its max and its argmax:
-//   sample_threshold: one workgroup per row: top-k and top-p thresholds by bisection over
-//                the order-preserving u32 keys of the logits (32 counting or weighing
-//                passes each, only for rows that ask);
+//   sample_threshold: one workgroup per row: top-k and top-p thresholds by a 16-way
+//                search over the order-preserving u32 keys of the logits (8-9 counting
+//                or weighing passes each, only for rows that ask);
 //   sample_sums: one workgroup per (row, BLOCK-wide block): the block's weight sum;
 //   sample_pick: one workgroup per row: the block holding the draw (serially over the
 //                row's block sums), then within it a workgroup scan of 16-entry runs and
@@ -72,20 +72,54 @@ fn weight(x: f32, mx: f32, t: f32, min_p: f32, tkey: u32) -> f32 {
     return w;
 }
 
-// Sum over the row of `w` (count = false: weights above `tkey` and `t`; true: 1 per
-// logit whose key is at least `t`), in every invocation.
-fn row_total(row: u32, mx: f32, rp: vec4<f32>, base: u32, t: u32, count: bool,
-             li: u32, sg: u32, lane: u32, nsg: u32) -> f32 {
-    var s = 0.0;
+// One pass of a 16-way search for the largest key t in [lo, hi] with f(t) >= goal, f
+// non-increasing: f(t) is the count of logits with key >= t (count), or the weight of
+// those whose key is also >= base. Pivots lo + j s (j = 1..15, s = (hi - lo) / 16 + 1)
+// split the range into 16 bins; each logit adds to the bin of its key, and f at a pivot
+// is the sum of the bins from it up. Returns the narrowed (lo, hi); every invocation
+// gets the same.
+var<workgroup> bins: array<f32, 64u * 16u>;
+
+fn search_pass(row: u32, mx: f32, rp: vec4<f32>, base: u32, count: bool, goal: f32,
+               lo: u32, hi: u32, li: u32, sg: u32, lane: u32, nsg: u32) -> vec2<u32> {
+    let s = (hi - lo) / 16u + 1u;
+    var acc: array<f32, 16>;
     for (var i = li; i < p.n; i += 256u) {
         let x = logits[row * p.n + i];
-        if count {
-            s += select(0.0, 1.0, key(x) >= t);
-        } else {
-            s += weight(x, mx, rp.x, rp.y, max(base, t));
+        let k = key(x);
+        if k >= lo {
+            var v = 1.0;
+            if !count {
+                v = weight(x, mx, rp.x, rp.y, base);
+            }
+            acc[min((k - lo) / s, 15u)] += v;
         }
     }
-    return wg_sum(s, sg, lane, nsg);
+    for (var j = 0u; j < 16u; j++) {
+        let t = subgroupAdd(acc[j]);
+        if lane == 0u {
+            bins[sg * 16u + j] = t;
+        }
+    }
+    workgroupBarrier();
+    var above = 0.0;
+    var best = 0u;
+    for (var j = 15u; j >= 1u; j--) {
+        for (var g = 0u; g < nsg; g++) {
+            above += bins[g * 16u + j];
+        }
+        // Pivot j lies inside the range and reaches the goal: the highest such wins.
+        if best == 0u && j * s <= hi - lo && above >= goal && above > 0.0 {
+            best = j;
+        }
+    }
+    workgroupBarrier();
+    let new_lo = lo + best * s;
+    var new_hi = hi;
+    if best < 15u && (best + 1u) * s - 1u <= hi - lo {
+        new_hi = lo + (best + 1u) * s - 1u;
+    }
+    return vec2<u32>(new_lo, new_hi);
 }
 
 @compute @workgroup_size(256)
@@ -102,41 +136,33 @@ fn sample_threshold(@builtin(workgroup_id) wg: vec3<u32>,
     let top_k = u32(row_params[2u * row + 1u].x);
     let top_p = rp.w;
     let mx = row_max(row);
-    // top-k: the largest key t with at least k logits at or above it.
-    var tk = 0u;
+    // top-k: the largest key with at least k logits at or above it. (8 passes narrow 32
+    // bits to one key; the ninth is slack.)
+    var r = vec2<u32>(0u, 0xffffffffu);
     if rp.x > 0.0 && top_k > 0u && top_k < p.n {
-        var hi = 0xffffffffu;
-        for (var it = 0u; it < 32u; it++) {
-            let mid = tk + ((hi - tk) >> 1u) + ((hi - tk) & 1u);
-            let c = row_total(row, mx, rp, 0u, mid, true, li, sg, lane, nsg);
-            if tk < hi {
-                if c >= f32(top_k) {
-                    tk = mid;
-                } else {
-                    hi = mid - 1u;
-                }
+        for (var it = 0u; it < 9u; it++) {
+            if r.x < r.y {
+                r = search_pass(row, mx, rp, 0u, true, f32(top_k), r.x, r.y, li, sg, lane, nsg);
             }
         }
     }
-    // top-p: the largest key t >= tk whose weight at or above reaches top_p of the total.
-    var tp = tk;
+    let tk = r.x;
+    // top-p: the largest key >= tk whose weight at or above reaches top_p of what is left.
+    r = vec2<u32>(tk, 0xffffffffu);
     if rp.x > 0.0 && top_p < 1.0 {
-        let goal = top_p * row_total(row, mx, rp, tk, tk, false, li, sg, lane, nsg);
-        var hi = 0xffffffffu;
-        for (var it = 0u; it < 32u; it++) {
-            let mid = tp + ((hi - tp) >> 1u) + ((hi - tp) & 1u);
-            let w = row_total(row, mx, rp, tk, mid, false, li, sg, lane, nsg);
-            if tp < hi {
-                if w >= goal && w > 0.0 {
-                    tp = mid;
-                } else {
-                    hi = mid - 1u;
-                }
+        var total = 0.0;
+        for (var i = li; i < p.n; i += 256u) {
+            total += weight(logits[row * p.n + i], mx, rp.x, rp.y, tk);
+        }
+        let goal = top_p * wg_sum(total, sg, lane, nsg);
+        for (var it = 0u; it < 9u; it++) {
+            if r.x < r.y {
+                r = search_pass(row, mx, rp, tk, false, goal, r.x, r.y, li, sg, lane, nsg);
             }
         }
     }
     if li == 0u {
-        thresholds[row] = tp;
+        thresholds[row] = r.x;
     }
 }
 
