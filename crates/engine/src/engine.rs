@@ -7,9 +7,9 @@
 //! tokens in turn, its block table from the KV manager); the model records its forward and
 //! the GPU sampler over the rows that need a token (argmax for greedy rows; temperature,
 //! min-p, top-k and top-p draws with a uniform from the request's own generator); one
-//! submission; then those rows read back one id each, and only rows whose logits are
-//! processed first (penalties, logit bias, min_tokens) or that want logprobs read their
-//! logits; full blocks are registered for prefix caching; new tokens are detokenized and
+//! submission, with penalties, logit bias and min_tokens applied to the logits on the GPU
+//! first; then those rows read back one id each, and only rows that want logprobs read
+//! their logits; full blocks are registered for prefix caching; new tokens are detokenized and
 //! checked against the stop conditions; finished sequences free their blocks.
 
 use std::collections::HashMap;
@@ -500,7 +500,22 @@ impl LLMEngine {
             // Greedy and GPU-sampled rows get their token here; the others (and the
             // prompt-logprob rows) take the argmax, unused.
             let mut row_sampling = Vec::with_capacity(rows.len());
-            for &(id, _) in &sample_rows {
+            let mut adjust = Vec::new();
+            let eos = self.eos();
+            let vocab = self.model.cfg.vocab;
+            for (row, &(id, _)) in sample_rows.iter().enumerate() {
+                if let (Some(seq), Some(toks)) = (self.seqs.get(&id), self.tokens.get(&id)) {
+                    if !seq.params.needs_logits() {
+                        adjust.extend(sampler::logit_adjustments(
+                            row as u32,
+                            vocab,
+                            &seq.params,
+                            &toks.tokens[..seq.prompt_len],
+                            &toks.tokens[seq.prompt_len..],
+                            eos,
+                        ));
+                    }
+                }
                 row_sampling.push(match self.seqs.get_mut(&id) {
                     Some(seq) if seq.params.sampled_on_gpu() => RowSampling {
                         temperature: seq.params.temperature.max(MIN_TEMPERATURE),
@@ -515,6 +530,7 @@ impl LLMEngine {
             row_sampling.resize(rows.len(), RowSampling::GREEDY);
             let params_t = sample::upload_params(ctx, &row_sampling)?;
             let out = ctx.empty(&[rows.len()], DType::U32)?;
+            sample::adjust(&mut step, &logits, &adjust)?;
             sample::sample(&mut step, &logits, &params_t, &out)?;
             (Some(logits), Some(out))
         };

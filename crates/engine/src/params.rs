@@ -235,27 +235,19 @@ impl SamplingParams {
         }
     }
 
-    /// Whether sampling needs the full logits row on the host: anything but plain greedy
-    /// sampling without logprobs, penalties, logit bias or `min_tokens` (which a device
-    /// argmax can do alone). Prompt logprobs are a separate matter and not counted here.
+    /// Whether sampling needs the full logits row on the host: only for logprobs, which
+    /// are of the raw logits (the GPU does every other step, `kernels::sample`). Prompt
+    /// logprobs are a separate matter and not counted here.
     pub fn needs_logits(&self) -> bool {
-        let processed = self.logprobs.is_some()
-            || self.has_penalties()
-            || !self.logit_bias.is_empty()
-            || self.min_tokens > 0;
-        processed || (!self.is_greedy() && !self.sampled_on_gpu())
+        self.logprobs.is_some()
     }
 
-    /// Whether the GPU draws this request's tokens (`kernels::sample`: temperature, min-p,
-    /// top-k, top-p): nothing reorders or reshapes the distribution first (penalties,
-    /// logit bias, `min_tokens`) and no logprobs are asked for. Only the token comes back;
-    /// other sampled requests download their logits rows.
+    /// Whether the GPU draws this request's tokens at random (`kernels::sample`:
+    /// temperature, min-p, top-k, top-p, after penalties, logit bias and min_tokens
+    /// applied on the GPU too). Greedy requests take the GPU argmax; either way only the
+    /// token comes back unless logprobs are asked for, which need the raw logits.
     pub fn sampled_on_gpu(&self) -> bool {
-        !self.is_greedy()
-            && self.logprobs.is_none()
-            && !self.has_penalties()
-            && self.logit_bias.is_empty()
-            && self.min_tokens == 0
+        !self.is_greedy() && !self.needs_logits()
     }
 
     /// The most characters (Unicode scalar values, as Python's `len`) a stop string spans;
@@ -470,9 +462,10 @@ mod tests {
             ..Default::default()
         };
         assert!(p.sampled_on_gpu() && !p.needs_logits());
-        // Anything that processes the logits first: the CPU sampler.
+        // Logprobs need the raw logits: the CPU sampler.
         let p = SamplingParams {
             repetition_penalty: 1.2,
+            logprobs: Some(1),
             ..Default::default()
         };
         assert!(!p.sampled_on_gpu() && p.needs_logits());
@@ -483,11 +476,12 @@ mod tests {
             p.needs_logits()
         };
         assert!(with(|p| p.logprobs = Some(0)));
-        assert!(with(|p| p.repetition_penalty = 1.1));
-        assert!(with(|p| p.presence_penalty = 0.5));
-        assert!(with(|p| p.frequency_penalty = -0.5));
-        assert!(with(|p| p.logit_bias = vec![(1, 1.0)]));
-        assert!(with(|p| p.min_tokens = 2));
+        // Penalties, bias and min_tokens are applied on the GPU.
+        assert!(!with(|p| p.repetition_penalty = 1.1));
+        assert!(!with(|p| p.presence_penalty = 0.5));
+        assert!(!with(|p| p.frequency_penalty = -0.5));
+        assert!(!with(|p| p.logit_bias = vec![(1, 1.0)]));
+        assert!(!with(|p| p.min_tokens = 2));
         // Truncation settings do not matter for argmax.
         assert!(!with(|p| p.top_k = 5));
         assert!(!with(|p| p.prompt_logprobs = Some(1)));

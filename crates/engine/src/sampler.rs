@@ -26,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::params::{SamplingParams, MIN_TEMPERATURE};
+use vllm_apple_ops::kernels::sample::LogitAdjust;
 
 /// The first top-p prefix sorted; it grows by at least this much (and at least doubles)
 /// until it holds the nucleus.
@@ -302,7 +303,7 @@ fn top_n(row: &[f32], n: usize) -> Vec<u32> {
 
 /// The logits processors that can change the argmax, then the penalties (steps 2 and 3 of
 /// the module documentation). Borrows the row when none applies.
-fn apply_logits_processors<'a>(
+pub fn apply_logits_processors<'a>(
     logits: &'a [f32],
     params: &SamplingParams,
     prompt: &[u32],
@@ -326,6 +327,79 @@ fn apply_logits_processors<'a>(
         apply_penalties(&mut row, params, prompt, output);
     }
     Cow::Owned(row)
+}
+
+/// What [`apply_logits_processors`] does to row `row` of a batch, as per-token entries
+/// for the GPU (`kernels::sample::adjust`), which applies the same f32 operations in the
+/// same order: the processed logits come out bit for bit the same.
+pub fn logit_adjustments(
+    row: u32,
+    vocab: usize,
+    params: &SamplingParams,
+    prompt: &[u32],
+    output: &[u32],
+    eos: Option<u32>,
+) -> Vec<LogitAdjust> {
+    let mut by_token: HashMap<u32, LogitAdjust> = HashMap::new();
+    let blank = |token| LogitAdjust {
+        row,
+        token,
+        mask: false,
+        bias: 0.0,
+        inv_repetition: 1.0,
+        repetition: 1.0,
+        frequency: 0.0,
+        presence: 0.0,
+    };
+    let in_vocab = |id: &u32| (*id as usize) < vocab;
+    if output.len() < params.min_tokens {
+        for &id in params
+            .stop_token_ids
+            .iter()
+            .chain(eos.iter())
+            .filter(|id| in_vocab(id))
+        {
+            by_token.entry(id).or_insert_with(|| blank(id)).mask = true;
+        }
+    }
+    for (&id, &bias) in params
+        .logit_bias
+        .iter()
+        .map(|(id, b)| (id, b))
+        .collect::<HashMap<_, _>>()
+        .iter()
+    {
+        if in_vocab(id) {
+            by_token.entry(*id).or_insert_with(|| blank(*id)).bias = *bias;
+        }
+    }
+    if params.has_penalties() {
+        let mut output_counts: HashMap<u32, u32> = HashMap::new();
+        for &id in output.iter().filter(|id| in_vocab(id)) {
+            *output_counts.entry(id).or_insert(0) += 1;
+        }
+        if params.repetition_penalty != 1.0 {
+            let penalty = params.repetition_penalty;
+            for id in prompt
+                .iter()
+                .copied()
+                .filter(in_vocab)
+                .chain(output_counts.keys().copied())
+            {
+                let a = by_token.entry(id).or_insert_with(|| blank(id));
+                a.inv_repetition = 1.0 / penalty;
+                a.repetition = penalty;
+            }
+        }
+        for (id, count) in output_counts {
+            let a = by_token.entry(id).or_insert_with(|| blank(id));
+            a.frequency = params.frequency_penalty * count as f32;
+            a.presence = params.presence_penalty;
+        }
+    }
+    let mut v: Vec<LogitAdjust> = by_token.into_values().collect();
+    v.sort_by_key(|a| a.token);
+    v
 }
 
 /// Adds each token's bias; a token listed more than once takes its last bias.

@@ -266,6 +266,7 @@ fn seeded_sampling_reproduces_whatever_the_batch() {
 fn gpu_sampled_requests_reproduce_whatever_the_batch() {
     // The GPU draws these tokens (temperature, min-p, top-k, top-p) with the request's own
     // uniform draws, so the batch around a request cannot change them.
+    // (prompts(6): one per request below.)
     let mut m = llm(|_| {});
     let ps = prompts(6, 4);
     let seeded = SamplingParams {
@@ -286,12 +287,18 @@ fn gpu_sampled_requests_reproduce_whatever_the_batch() {
         .unwrap(),
     );
     let mut params = vec![seeded.clone(), greedy(10)];
-    // A neighbour the CPU samples (its logits are processed first).
+    // A neighbour the CPU samples (logprobs need its raw logits), and one with penalties
+    // applied on the GPU.
     params.push(SamplingParams {
-        repetition_penalty: 1.3,
+        logprobs: Some(2),
         ..seeded.clone()
     });
-    params.extend((3..6).map(|i| SamplingParams {
+    params.push(SamplingParams {
+        repetition_penalty: 1.3,
+        presence_penalty: 0.5,
+        ..seeded.clone()
+    });
+    params.extend((4..6).map(|i| SamplingParams {
         temperature: 0.7,
         seed: Some(i),
         max_tokens: Some(10),
@@ -455,4 +462,79 @@ fn bad_requests_are_rejected_and_the_engine_goes_on() {
     assert_eq!(out.outputs[0].token_ids.len(), 4);
     assert_eq!(out.outputs[0].finish_reason, Some(FinishReason::Length));
     assert_eq!(m.engine.kv_blocks_in_use(), 0);
+}
+
+#[test]
+fn gpu_logits_processing_matches_the_host_bit_for_bit() {
+    // Penalties, logit bias and min_tokens masks applied by `kernels::sample::adjust` give
+    // the very logits the host sampler computes, for several rows of one batch at once.
+    use vllm_apple_engine::sampler;
+    use vllm_apple_ops::kernels::sample;
+    use vllm_apple_ops::{DType, Step};
+    let ctx = ctx();
+    let vocab = 3000;
+    let mut r = StdRng::seed_from_u64(17);
+    let cases: Vec<SamplingParams> = vec![
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..Default::default()
+        },
+        SamplingParams {
+            presence_penalty: 0.7,
+            frequency_penalty: -0.4,
+            logit_bias: vec![(5, 2.5), (9, -100.0), (5, -1.0)],
+            ..Default::default()
+        },
+        SamplingParams {
+            min_tokens: 50,
+            stop_token_ids: vec![11, 2999],
+            repetition_penalty: 0.8,
+            frequency_penalty: 1.5,
+            ..Default::default()
+        },
+        SamplingParams::greedy(),
+    ];
+    let mut rows = Vec::new();
+    let mut adjust = Vec::new();
+    let mut want: Vec<f32> = Vec::new();
+    for (i, params) in cases.iter().enumerate() {
+        let row: Vec<f32> = (0..vocab).map(|_| r.random_range(-8.0f32..8.0)).collect();
+        let prompt: Vec<u32> = (0..40).map(|_| r.random_range(0..vocab as u32)).collect();
+        // Outputs repeat tokens (frequency counts above 1) and overlap the prompt.
+        let output: Vec<u32> = (0..30)
+            .map(|k| {
+                if k % 3 == 0 {
+                    prompt[k % 7]
+                } else {
+                    r.random_range(0..60)
+                }
+            })
+            .collect();
+        let eos = Some(7);
+        adjust.extend(sampler::logit_adjustments(
+            i as u32, vocab, params, &prompt, &output, eos,
+        ));
+        want.extend(sampler::apply_logits_processors(&row, params, &prompt, &output, eos).iter());
+        rows.extend(row);
+    }
+    assert!(adjust.len() > 100, "the cases touch many tokens");
+    let logits = ctx
+        .upload_f32(&[cases.len(), vocab], DType::F32, &rows)
+        .unwrap();
+    let mut step = Step::new(&ctx);
+    sample::adjust(&mut step, &logits, &adjust).unwrap();
+    step.submit_and_wait().unwrap();
+    let got = logits.to_f32_vec(&ctx).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            g == w || (g.is_nan() && w.is_nan()),
+            "row {} token {}: GPU {g}, host {w}",
+            i / vocab,
+            i % vocab
+        );
+    }
+    assert!(
+        got.iter().zip(&rows).any(|(g, x)| g != x),
+        "something changed"
+    );
 }

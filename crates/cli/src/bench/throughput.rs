@@ -44,9 +44,12 @@ pub struct Args {
     /// Nucleus sampling (1: off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Repetition penalty (1: off); other than 1 the CPU samples from downloaded logits.
+    /// Repetition penalty (1: off), applied to the logits on the GPU.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Logprobs per token (the raw logits rows come back and the host samples).
+    #[arg(long)]
+    logprobs: Option<usize>,
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
@@ -102,11 +105,15 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
+        logprobs: args.logprobs,
         ..SamplingParams::greedy()
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let how = if params.is_greedy() {
-        "greedy".to_string()
+        format!(
+            "greedy ({} argmax)",
+            if params.needs_logits() { "host" } else { "GPU" }
+        )
     } else {
         format!(
             "temperature {}, top_p {}, repetition_penalty {} ({} sampling)",

@@ -19,6 +19,7 @@ fn kernel(entry: &'static str) -> Kernel {
 
 pub(crate) fn variants() -> Vec<Kernel> {
     vec![
+        kernel("logits_adjust"),
         kernel("sample_threshold"),
         kernel("sample_sums"),
         kernel("sample_pick"),
@@ -104,6 +105,55 @@ pub fn sample(step: &mut Step, logits: &Tensor, params: &Tensor, ids: &Tensor) -
         ],
         &p,
         grid(step.ctx, m),
+    )
+}
+
+/// One token's processing before sampling (see `logits_adjust` in sample.wgsl): applied
+/// in place, in this order, as the host sampler does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogitAdjust {
+    pub row: u32,
+    pub token: u32,
+    /// Set to -inf first (a stop token before `min_tokens`).
+    pub mask: bool,
+    pub bias: f32,
+    /// `1 / penalty` for positive logits and `penalty` for the others (1 and 1: none).
+    pub inv_repetition: f32,
+    pub repetition: f32,
+    /// Subtracted after the repetition penalty: frequency penalty times the count, then
+    /// the presence penalty.
+    pub frequency: f32,
+    pub presence: f32,
+}
+
+/// Applies `adjust` to `logits` (`[rows, vocab]`) in place; tokens must be distinct within
+/// a row and inside the vocabulary (checked).
+pub fn adjust(step: &mut Step, logits: &Tensor, adjust: &[LogitAdjust]) -> Result<()> {
+    expect_dtype("logits adjust", logits, DType::F32)?;
+    if adjust.is_empty() {
+        return Ok(());
+    }
+    let n = logits.dim_back(0);
+    let m = logits.rows();
+    let mut words = Vec::with_capacity(adjust.len() * 12);
+    for a in adjust {
+        if a.row as usize >= m || a.token as usize >= n {
+            return Err(crate::error::shape_err(
+                "logits adjust",
+                format!("entry row {} token {} outside {m} x {n}", a.row, a.token),
+            ));
+        }
+        words.extend([a.row, a.token, a.mask as u32, 0]);
+        words.extend([a.bias, a.inv_repetition, a.repetition, 0.0].map(f32::to_bits));
+        words.extend([a.frequency, a.presence, 0.0, 0.0].map(f32::to_bits));
+    }
+    let entries = step.ctx.upload_u32(&[words.len()], &words)?;
+    let groups = adjust.len().div_ceil(64);
+    step.dispatch(
+        &kernel("logits_adjust"),
+        &[logits, &entries],
+        &[adjust.len() as u32, n as u32],
+        grid(step.ctx, groups),
     )
 }
 

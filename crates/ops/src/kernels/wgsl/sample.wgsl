@@ -297,3 +297,40 @@ fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         ids[row] = id;
     }
 }
+
+// Logits processing before sampling (the host's apply_logits_processors, entry by entry):
+// one invocation per (row, token) entry, tokens distinct within a row. Entry: (row, token,
+// mask, -) then f32 bits of (bias, 1 / repetition penalty, repetition penalty, -) and
+// (frequency penalty x count, presence penalty, -, -). In the host's order: -inf for
+// masked stop tokens, + bias, x / penalty if positive else x * penalty, - frequency,
+// - presence (the same f32 operations, so the same bits).
+struct AdjustParams {
+    count: u32,
+    n: u32,
+}
+var<immediate> ap: AdjustParams;
+
+@group(0) @binding(0) var<storage, read_write> adj_logits: array<f32>;
+@group(0) @binding(1) var<storage, read> entries: array<vec4<u32>>;
+
+@compute @workgroup_size(64)
+fn logits_adjust(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = gid.x + gid.y * nwg.x * 64u;
+    if e >= ap.count {
+        return;
+    }
+    let a = entries[3u * e];
+    let b = bitcast<vec4<f32>>(entries[3u * e + 1u]);
+    let c = bitcast<vec4<f32>>(entries[3u * e + 2u]);
+    let i = a.x * ap.n + a.y;
+    var x = adj_logits[i];
+    if a.z != 0u {
+        x = bitcast<f32>(0xff800000u);
+    }
+    x += b.x;
+    x *= select(b.z, b.y, x > 0.0);
+    x -= c.x;
+    x -= c.y;
+    adj_logits[i] = x;
+}
