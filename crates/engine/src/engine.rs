@@ -531,7 +531,8 @@ impl LLMEngine {
             let params_t = sample::upload_params(ctx, &row_sampling)?;
             let out = ctx.empty(&[rows.len()], DType::U32)?;
             sample::adjust(&mut step, &logits, &adjust)?;
-            sample::sample(&mut step, &logits, &params_t, &out)?;
+            let truncate = row_sampling.iter().any(|r| r.top_k > 0 || r.top_p < 1.0);
+            sample::sample(&mut step, &logits, &params_t, &out, truncate)?;
             (Some(logits), Some(out))
         };
         step.submit_and_wait()?;

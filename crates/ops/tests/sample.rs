@@ -18,7 +18,8 @@ fn run(n: usize, rows: &[(Vec<f32>, RowSampling)]) -> Vec<u32> {
     let ids = ctx.empty(&[rows.len()], DType::U32).unwrap();
     ids.poison(ctx);
     let mut s = Step::new(ctx);
-    sample::sample(&mut s, &logits, &pt, &ids).unwrap();
+    let truncate = params.iter().any(|p| p.top_k > 0 || p.top_p < 1.0);
+    sample::sample(&mut s, &logits, &pt, &ids, truncate).unwrap();
     s.submit_and_wait().unwrap();
     ids.to_u32_vec(ctx).unwrap()
 }

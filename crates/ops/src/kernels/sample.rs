@@ -20,7 +20,8 @@ fn kernel(entry: &'static str) -> Kernel {
 pub(crate) fn variants() -> Vec<Kernel> {
     vec![
         kernel("logits_adjust"),
-        kernel("sample_threshold"),
+        kernel("search_hist"),
+        kernel("search_narrow"),
         kernel("sample_sums"),
         kernel("sample_pick"),
     ]
@@ -60,8 +61,18 @@ pub fn upload_params(ctx: &crate::GpuContext, rows: &[RowSampling]) -> Result<Te
     ctx.upload_f32(&[rows.len(), 8], DType::F32, &flat)
 }
 
-/// `ids[m]`: row m of `logits` sampled with `params[m]` (see [`RowSampling`]).
-pub fn sample(step: &mut Step, logits: &Tensor, params: &Tensor, ids: &Tensor) -> Result<()> {
+/// Passes of the threshold search per threshold (sample.wgsl's PASSES).
+const PASSES: u32 = 9;
+
+/// `ids[m]`: row m of `logits` sampled with `params[m]` (see [`RowSampling`]). `truncate`:
+/// some row asks for top-k or top-p (else the threshold search is not recorded).
+pub fn sample(
+    step: &mut Step,
+    logits: &Tensor,
+    params: &Tensor,
+    ids: &Tensor,
+    truncate: bool,
+) -> Result<()> {
     expect_dtype("sample", logits, DType::F32)?;
     expect_dtype("sample", params, DType::F32)?;
     expect_dtype("sample", ids, DType::U32)?;
@@ -72,15 +83,43 @@ pub fn sample(step: &mut Step, logits: &Tensor, params: &Tensor, ids: &Tensor) -
     let blocks = n.div_ceil(argmax::BLOCK as usize).max(1);
     let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
     let sums = step.ctx.empty(&[m * blocks], DType::F32)?;
-    let thresholds = step.ctx.empty(&[m], DType::U32)?;
-    let p = [m as u32, n as u32, blocks as u32];
-    argmax::record_blocks(step, logits, &partial, &p, m * blocks)?;
-    step.dispatch_at(
-        &kernel("sample_threshold"),
-        &[(0, logits), (1, &partial), (2, params), (5, &thresholds)],
-        &p,
-        grid(step.ctx, m),
+    let thresholds = step.ctx.upload_u32(&[m], &vec![0; m])?;
+    let p = [m as u32, n as u32, blocks as u32, 0];
+    argmax::record_blocks(
+        step,
+        logits,
+        &partial,
+        &p[..3].try_into().unwrap(),
+        m * blocks,
     )?;
+    if truncate {
+        let init: Vec<u32> = (0..m)
+            .flat_map(|_| [0, u32::MAX, 0, 0, 0, 0, 0, 0])
+            .collect();
+        let search = step.ctx.upload_u32(&[m * 8], &init)?;
+        let hist = step.ctx.empty(&[m * blocks * 16], DType::F32)?;
+        for pass in 0..2 * PASSES {
+            let pp = [m as u32, n as u32, blocks as u32, pass];
+            step.dispatch_at(
+                &kernel("search_hist"),
+                &[
+                    (0, logits),
+                    (1, &partial),
+                    (2, params),
+                    (6, &search),
+                    (7, &hist),
+                ],
+                &pp,
+                grid(step.ctx, m * blocks),
+            )?;
+            step.dispatch_at(
+                &kernel("search_narrow"),
+                &[(2, params), (5, &thresholds), (6, &search), (7, &hist)],
+                &pp,
+                grid(step.ctx, m),
+            )?;
+        }
+    }
     step.dispatch_at(
         &kernel("sample_sums"),
         &[

@@ -7,9 +7,13 @@
 // over ids in increasing order. T <= 0 (greedy), a row with nothing finite, or zero total
 // weight give the argmax. After argmax_blocks (argmax.wgsl), whose per-block (max, index)
 // pairs give each row its max and its argmax:
-//   sample_threshold: one workgroup per row: top-k and top-p thresholds by a 16-way
-//                search over the order-preserving u32 keys of the logits (8-9 counting
-//                or weighing passes each, only for rows that ask);
+//   search_hist / search_narrow: top-k and top-p thresholds by a 16-way search over the
+//                order-preserving u32 keys of the logits, PASSES passes each (recorded
+//                only when some row asks): every pass spreads each row over its blocks
+//                (search_hist: a 16-bin histogram of the keys in the row's current range,
+//                counts for top-k, weights for top-p), then search_narrow sums a row's
+//                bins and narrows its range to the bin where the count or weight at and
+//                above reaches the goal;
 //   sample_sums: one workgroup per (row, BLOCK-wide block): the block's weight sum;
 //   sample_pick: one workgroup per row: the block holding the draw (serially over the
 //                row's block sums), then within it a workgroup scan of 16-entry runs and
@@ -19,6 +23,7 @@ struct Params {
     m: u32,
     n: u32,
     blocks: u32,
+    step: u32,
 }
 var<immediate> p: Params;
 
@@ -28,6 +33,13 @@ var<immediate> p: Params;
 @group(0) @binding(3) var<storage, read_write> sums: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(5) var<storage, read_write> thresholds: array<u32>;
+// Search state per row: (lo, hi, top-k key, -), (top-p goal bits, -, -, -).
+@group(0) @binding(6) var<storage, read_write> search: array<vec4<u32>>;
+// Search histograms: [row, block, 16].
+@group(0) @binding(7) var<storage, read_write> hist: array<f32>;
+
+// Passes per threshold: each narrows the range 16-fold, so 8 cover 32 bits; one is slack.
+const PASSES: u32 = 9u;
 
 const RUN: u32 = BLOCK / 256u;
 const NOT_FOUND: u32 = 0xffffffffu;
@@ -72,27 +84,53 @@ fn weight(x: f32, mx: f32, t: f32, min_p: f32, tkey: u32) -> f32 {
     return w;
 }
 
-// One pass of a 16-way search for the largest key t in [lo, hi] with f(t) >= goal, f
-// non-increasing: f(t) is the count of logits with key >= t (count), or the weight of
-// those whose key is also >= base. Pivots lo + j s (j = 1..15, s = (hi - lo) / 16 + 1)
-// split the range into 16 bins; each logit adds to the bin of its key, and f at a pivot
-// is the sum of the bins from it up. Returns the narrowed (lo, hi); every invocation
-// gets the same.
 var<workgroup> bins: array<f32, 64u * 16u>;
+var<workgroup> row_bins: array<f32, 16>;
 
-fn search_pass(row: u32, mx: f32, rp: vec4<f32>, base: u32, count: bool, goal: f32,
-               lo: u32, hi: u32, li: u32, sg: u32, lane: u32, nsg: u32) -> vec2<u32> {
-    let s = (hi - lo) / 16u + 1u;
+fn wants_top_k(row: u32, rp: vec4<f32>) -> bool {
+    let k = u32(row_params[2u * row + 1u].x);
+    return rp.x > 0.0 && k > 0u && k < p.n;
+}
+
+fn wants_top_p(rp: vec4<f32>) -> bool {
+    return rp.x > 0.0 && rp.w < 1.0;
+}
+
+// Passes 0 .. PASSES - 1 search the top-k key (counts), the next PASSES the top-p key
+// (weights of logits at or above the top-k key). The range [lo, hi] is cut by pivots
+// lo + j s (j = 1..15, s = (hi - lo) / 16 + 1) into 16 bins; each logit adds to the bin
+// of its key, and the count or weight at and above a pivot is the sum of the bins from
+// it up.
+@compute @workgroup_size(256)
+fn search_hist(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+               @builtin(subgroup_invocation_id) lane: u32, @builtin(num_subgroups) nsg: u32) {
+    let g = wg.x + wg.y * nwg.x;
+    if g >= p.m * p.blocks {
+        return;
+    }
+    let row = g / p.blocks;
+    let b = g - row * p.blocks;
+    let rp = row_params[2u * row];
+    let st = search[2u * row];
+    let counting = p.step < PASSES;
+    let searching = select(wants_top_p(rp), wants_top_k(row, rp), counting) && st.x < st.y;
     var acc: array<f32, 16>;
-    for (var i = li; i < p.n; i += 256u) {
-        let x = logits[row * p.n + i];
-        let k = key(x);
-        if k >= lo {
-            var v = 1.0;
-            if !count {
-                v = weight(x, mx, rp.x, rp.y, base);
+    if searching {
+        let lo = st.x;
+        let s = (st.y - lo) / 16u + 1u;
+        let mx = row_max(row);
+        let hi = min(b * BLOCK + BLOCK, p.n);
+        for (var i = b * BLOCK + li; i < hi; i += 256u) {
+            let x = logits[row * p.n + i];
+            let k = key(x);
+            if k >= lo {
+                var v = 1.0;
+                if !counting {
+                    v = weight(x, mx, rp.x, rp.y, st.z);
+                }
+                acc[min((k - lo) / s, 15u)] += v;
             }
-            acc[min((k - lo) / s, 15u)] += v;
         }
     }
     for (var j = 0u; j < 16u; j++) {
@@ -102,68 +140,76 @@ fn search_pass(row: u32, mx: f32, rp: vec4<f32>, base: u32, count: bool, goal: f
         }
     }
     workgroupBarrier();
-    var above = 0.0;
-    var best = 0u;
-    for (var j = 15u; j >= 1u; j--) {
-        for (var g = 0u; g < nsg; g++) {
-            above += bins[g * 16u + j];
+    if li < 16u {
+        var t = 0.0;
+        for (var k = 0u; k < nsg; k++) {
+            t += bins[k * 16u + li];
         }
-        // Pivot j lies inside the range and reaches the goal: the highest such wins.
-        if best == 0u && j * s <= hi - lo && above >= goal && above > 0.0 {
-            best = j;
-        }
+        hist[g * 16u + li] = t;
     }
-    workgroupBarrier();
-    let new_lo = lo + best * s;
-    var new_hi = hi;
-    if best < 15u && (best + 1u) * s - 1u <= hi - lo {
-        new_hi = lo + (best + 1u) * s - 1u;
-    }
-    return vec2<u32>(new_lo, new_hi);
 }
 
-@compute @workgroup_size(256)
-fn sample_threshold(@builtin(workgroup_id) wg: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
-                    @builtin(subgroup_invocation_id) lane: u32,
-                    @builtin(num_subgroups) nsg: u32) {
+@compute @workgroup_size(16)
+fn search_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
     let row = wg.x + wg.y * nwg.x;
     if row >= p.m {
         return;
     }
+    var t = 0.0;
+    for (var b = 0u; b < p.blocks; b++) {
+        t += hist[(row * p.blocks + b) * 16u + li];
+    }
+    row_bins[li] = t;
+    workgroupBarrier();
+    if li != 0u {
+        return;
+    }
     let rp = row_params[2u * row];
-    let top_k = u32(row_params[2u * row + 1u].x);
-    let top_p = rp.w;
-    let mx = row_max(row);
-    // top-k: the largest key with at least k logits at or above it. (8 passes narrow 32
-    // bits to one key; the ninth is slack.)
-    var r = vec2<u32>(0u, 0xffffffffu);
-    if rp.x > 0.0 && top_k > 0u && top_k < p.n {
-        for (var it = 0u; it < 9u; it++) {
-            if r.x < r.y {
-                r = search_pass(row, mx, rp, 0u, true, f32(top_k), r.x, r.y, li, sg, lane, nsg);
+    var st = search[2u * row];
+    var aux = search[2u * row + 1u];
+    let counting = p.step < PASSES;
+    let searching = select(wants_top_p(rp), wants_top_k(row, rp), counting) && st.x < st.y;
+    if searching {
+        let lo = st.x;
+        let hi = st.y;
+        let s = (hi - lo) / 16u + 1u;
+        var goal = row_params[2u * row + 1u].x;
+        if !counting {
+            if p.step == PASSES {
+                // The first top-p pass sees every logit at or above the top-k key.
+                var total = 0.0;
+                for (var j = 0u; j < 16u; j++) {
+                    total += row_bins[j];
+                }
+                aux.x = bitcast<u32>(rp.w * total);
+            }
+            goal = bitcast<f32>(aux.x);
+        }
+        var above = 0.0;
+        var best = 0u;
+        for (var j = 15u; j >= 1u; j--) {
+            above += row_bins[j];
+            // Pivot j lies inside the range and reaches the goal: the highest such wins.
+            if best == 0u && j * s <= hi - lo && above >= goal && above > 0.0 {
+                best = j;
             }
         }
-    }
-    let tk = r.x;
-    // top-p: the largest key >= tk whose weight at or above reaches top_p of what is left.
-    r = vec2<u32>(tk, 0xffffffffu);
-    if rp.x > 0.0 && top_p < 1.0 {
-        var total = 0.0;
-        for (var i = li; i < p.n; i += 256u) {
-            total += weight(logits[row * p.n + i], mx, rp.x, rp.y, tk);
-        }
-        let goal = top_p * wg_sum(total, sg, lane, nsg);
-        for (var it = 0u; it < 9u; it++) {
-            if r.x < r.y {
-                r = search_pass(row, mx, rp, tk, false, goal, r.x, r.y, li, sg, lane, nsg);
-            }
+        st.x = lo + best * s;
+        if best < 15u && (best + 1u) * s - 1u <= hi - lo {
+            st.y = lo + (best + 1u) * s - 1u;
         }
     }
-    if li == 0u {
-        thresholds[row] = r.x;
+    if p.step == PASSES - 1u {
+        // The top-k key is found (0 where top-k is off); top-p searches from it up.
+        st.z = st.x;
+        st.y = 0xffffffffu;
     }
+    if p.step == 2u * PASSES - 1u {
+        thresholds[row] = select(st.z, st.x, wants_top_p(rp));
+    }
+    search[2u * row] = st;
+    search[2u * row + 1u] = aux;
 }
 
 @compute @workgroup_size(256)
