@@ -18,6 +18,7 @@ use std::time::Instant;
 use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::tokenizer::GgufTokenizer;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
+use vllm_apple_ops::kernels::logprobs::{self, LogprobRequest};
 use vllm_apple_ops::kernels::sample::{self, RowSampling};
 use vllm_apple_ops::kv_cache::KvCache;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
@@ -476,6 +477,7 @@ impl LLMEngine {
             .collect();
         let ids_t = ctx.upload_u32(&[ids.len()], &ids)?;
         let mut step = Step::new(ctx);
+        let mut gpu_logprobs: Option<(logprobs::Logprobs, Vec<usize>)> = None;
         let (logits, argmax_ids) = if rows.is_empty() {
             let dummy = ctx.upload_u32(&[1], &[(ids.len() - 1) as u32])?;
             self.model.forward(
@@ -530,9 +532,32 @@ impl LLMEngine {
             row_sampling.resize(rows.len(), RowSampling::GREEDY);
             let params_t = sample::upload_params(ctx, &row_sampling)?;
             let out = ctx.empty(&[rows.len()], DType::U32)?;
+            // Rows that want logprobs (of the raw logits) copy them before processing.
+            let mut lp_rows = Vec::new();
+            let mut lp_reqs = Vec::new();
+            for (row, &(id, _)) in sample_rows.iter().enumerate() {
+                if let Some(seq) = self.seqs.get(&id) {
+                    if let (Some(n), false) = (seq.params.logprobs, seq.params.needs_logits()) {
+                        lp_rows.push(row);
+                        lp_reqs.push(LogprobRequest {
+                            row: row as u32,
+                            top: n as u32,
+                        });
+                    }
+                }
+            }
+            let lp = if lp_reqs.is_empty() {
+                None
+            } else {
+                Some(logprobs::gather(&mut step, &logits, &lp_reqs)?)
+            };
             sample::adjust(&mut step, &logits, &adjust)?;
             let truncate = row_sampling.iter().any(|r| r.top_k > 0 || r.top_p < 1.0);
             sample::sample(&mut step, &logits, &params_t, &out, truncate)?;
+            if let Some(lp) = lp {
+                logprobs::finish(&mut step, &lp, &out)?;
+                gpu_logprobs = Some((lp, lp_rows));
+            }
             (Some(logits), Some(out))
         };
         step.submit_and_wait()?;
@@ -549,6 +574,10 @@ impl LLMEngine {
             Some(t) => t.to_u32_vec(ctx)?,
             None => Vec::new(),
         };
+        let mut row_logprobs: HashMap<usize, logprobs::RowLogprobs> = HashMap::new();
+        if let Some((lp, lp_rows)) = &gpu_logprobs {
+            row_logprobs.extend(lp_rows.iter().copied().zip(logprobs::read(ctx, lp)?));
+        }
         let needs_logits = !prompt_rows.is_empty()
             || sample_rows
                 .iter()
@@ -590,7 +619,12 @@ impl LLMEngine {
                 );
                 (s.token, Some((s.logprob, s.top)))
             } else {
-                (gpu_ids[row], None)
+                let token = gpu_ids[row];
+                let lp = match (row_logprobs.get(&row), seq.params.logprobs) {
+                    (Some(r), Some(n)) => Some(sampler::logprobs_from_gpu(token, r, n)),
+                    _ => None,
+                };
+                (token, lp)
             };
             toks.tokens.push(token);
             if let Some((own, top)) = lp {

@@ -235,11 +235,13 @@ impl SamplingParams {
         }
     }
 
-    /// Whether sampling needs the full logits row on the host: only for logprobs, which
-    /// are of the raw logits (the GPU does every other step, `kernels::sample`). Prompt
-    /// logprobs are a separate matter and not counted here.
+    /// Whether sampling needs the full logits row on the host: only for more top logprobs
+    /// than the GPU returns (`kernels::logprobs::MAX_TOP`); the GPU does every other step
+    /// (`kernels::sample`, `kernels::logprobs`). Prompt logprobs are a separate matter and
+    /// not counted here.
     pub fn needs_logits(&self) -> bool {
-        self.logprobs.is_some()
+        self.logprobs
+            .is_some_and(|n| n > vllm_apple_ops::kernels::logprobs::MAX_TOP)
     }
 
     /// Whether the GPU draws this request's tokens at random (`kernels::sample`:
@@ -462,10 +464,10 @@ mod tests {
             ..Default::default()
         };
         assert!(p.sampled_on_gpu() && !p.needs_logits());
-        // Logprobs need the raw logits: the CPU sampler.
+        // More top logprobs than the GPU returns: the CPU sampler.
         let p = SamplingParams {
             repetition_penalty: 1.2,
-            logprobs: Some(1),
+            logprobs: Some(40),
             ..Default::default()
         };
         assert!(!p.sampled_on_gpu() && p.needs_logits());
@@ -475,7 +477,9 @@ mod tests {
             edit(&mut p);
             p.needs_logits()
         };
-        assert!(with(|p| p.logprobs = Some(0)));
+        // Logprobs come from the GPU up to its limit, beyond it from the host.
+        assert!(!with(|p| p.logprobs = Some(20)));
+        assert!(with(|p| p.logprobs = Some(33)));
         // Penalties, bias and min_tokens are applied on the GPU.
         assert!(!with(|p| p.repetition_penalty = 1.1));
         assert!(!with(|p| p.presence_penalty = 0.5));

@@ -26,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::params::{SamplingParams, MIN_TEMPERATURE};
+use vllm_apple_ops::kernels::logprobs::RowLogprobs;
 use vllm_apple_ops::kernels::sample::LogitAdjust;
 
 /// The first top-p prefix sorted; it grows by at least this much (and at least doubles)
@@ -111,6 +112,38 @@ pub fn sample(
         logprob,
         top,
     }
+}
+
+/// [`logprobs_of`] from what the GPU returns for a row (`kernels::logprobs`): the sampled
+/// token's logprob and rank, and the top `n` of the candidates, best first (ties to the
+/// lower id).
+pub fn logprobs_from_gpu(
+    token: u32,
+    row: &RowLogprobs,
+    n: usize,
+) -> (TokenLogprob, Vec<TokenLogprob>) {
+    let mut top: Vec<(u32, f32)> = row
+        .top
+        .iter()
+        .map(|&(id, x)| (id, if x.is_nan() { f32::NEG_INFINITY } else { x }))
+        .collect();
+    top.sort_unstable_by(best_first);
+    top.truncate(n);
+    (
+        TokenLogprob {
+            token,
+            logprob: row.logit - row.lse,
+            rank: row.rank as usize,
+        },
+        top.into_iter()
+            .enumerate()
+            .map(|(position, (id, x))| TokenLogprob {
+                token: id,
+                logprob: x - row.lse,
+                rank: position + 1,
+            })
+            .collect(),
+    )
 }
 
 /// The raw logprob and rank of `token` in `logits`, and the top `n` tokens by logprob, best

@@ -538,3 +538,71 @@ fn gpu_logits_processing_matches_the_host_bit_for_bit() {
         "something changed"
     );
 }
+
+#[test]
+fn gpu_logprobs_match_the_host() {
+    // `kernels::logprobs` against the host's `logprobs_of` on the raw rows: the sampled
+    // token's logprob and rank, and the top-N with ties broken by the lower id, including
+    // rows with tied maxima, NaN entries and top-N past a tie.
+    use vllm_apple_engine::sampler;
+    use vllm_apple_ops::kernels::logprobs::{self, LogprobRequest};
+    use vllm_apple_ops::kernels::sample::{self, RowSampling};
+    use vllm_apple_ops::{DType, Step};
+    let ctx = ctx();
+    let vocab = 5000;
+    let mut r = StdRng::seed_from_u64(23);
+    let mut rows: Vec<Vec<f32>> = (0..5)
+        .map(|_| (0..vocab).map(|_| r.random_range(-6.0f32..6.0)).collect())
+        .collect();
+    for i in [3, 900, 4999, 17] {
+        rows[1][i] = 9.5; // a four-way tie at the top
+    }
+    rows[2][100] = f32::NAN;
+    rows[2][4000] = 8.0;
+    for x in rows[3].iter_mut().step_by(7) {
+        *x = 2.0; // hundreds of ties inside the top-N
+    }
+    let tops = [5u32, 3, 20, 20, 0];
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let logits = ctx
+        .upload_f32(&[rows.len(), vocab], DType::F32, &flat)
+        .unwrap();
+    let reqs: Vec<LogprobRequest> = tops
+        .iter()
+        .enumerate()
+        .map(|(row, &top)| LogprobRequest {
+            row: row as u32,
+            top,
+        })
+        .collect();
+    let draws: Vec<RowSampling> = (0..rows.len())
+        .map(|i| RowSampling {
+            temperature: 1.5,
+            u: 0.1 + 0.2 * i as f32,
+            ..RowSampling::GREEDY
+        })
+        .collect();
+    let params = sample::upload_params(&ctx, &draws).unwrap();
+    let ids = ctx.empty(&[rows.len()], DType::U32).unwrap();
+    let mut step = Step::new(&ctx);
+    let lp = logprobs::gather(&mut step, &logits, &reqs).unwrap();
+    sample::sample(&mut step, &logits, &params, &ids, false).unwrap();
+    logprobs::finish(&mut step, &lp, &ids).unwrap();
+    step.submit_and_wait().unwrap();
+    let got = logprobs::read(&ctx, &lp).unwrap();
+    let ids = ids.to_u32_vec(&ctx).unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let n = tops[i] as usize;
+        let (own, top) = sampler::logprobs_from_gpu(ids[i], &got[i], n);
+        let (want_own, want_top) = sampler::logprobs_of(row, ids[i], n);
+        assert_eq!(own.token, want_own.token);
+        assert_eq!(own.rank, want_own.rank, "row {i}: rank");
+        assert!((own.logprob - want_own.logprob).abs() < 1e-4, "row {i}");
+        let ids_of = |v: &[sampler::TokenLogprob]| v.iter().map(|t| t.token).collect::<Vec<_>>();
+        assert_eq!(ids_of(&top), ids_of(&want_top), "row {i}: top ids");
+        for (a, b) in top.iter().zip(&want_top) {
+            assert!((a.logprob - b.logprob).abs() < 1e-4, "row {i}: top logprob");
+            assert_eq!(a.rank, b.rank);
+        }
+    }
+}

@@ -8,6 +8,7 @@ pub mod bias;
 pub mod copy;
 pub mod embedding;
 pub mod fill;
+pub mod logprobs;
 pub mod matmul;
 pub mod moe;
 pub mod rmsnorm;
@@ -69,6 +70,7 @@ pub fn all_variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     v.extend(softmax::variants());
     v.extend(argmax::variants());
     v.extend(sample::variants());
+    v.extend(logprobs::variants());
     v.extend(copy::variants());
     v.extend(attention::variants(coop_sizes));
     v.extend(fill::variants());

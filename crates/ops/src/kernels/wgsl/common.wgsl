@@ -29,3 +29,14 @@ fn word_index(e: u32, dtype: u32) -> u32 {
 fn flat_group(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.x + wg.y * nwg.x;
 }
+
+// Order-preserving u32 key of an f32 (NaN lowest, below -inf): keys compare as the
+// values do, so thresholds on values can be searched over keys.
+fn key(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    // NaN by its bits: WGSL lets implementations assume x == x.
+    if (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u {
+        return 0u;
+    }
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}

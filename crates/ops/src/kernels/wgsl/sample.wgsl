@@ -59,15 +59,6 @@ fn row_max(row: u32) -> f32 {
     return mx;
 }
 
-// Order-preserving key of a logit (NaN lowest, with -inf).
-fn key(x: f32) -> u32 {
-    let b = bitcast<u32>(x);
-    if x != x {
-        return 0u;
-    }
-    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
-}
-
 fn weight(x: f32, mx: f32, t: f32, min_p: f32, tkey: u32) -> f32 {
     if key(x) < tkey {
         return 0.0;
