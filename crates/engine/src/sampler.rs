@@ -364,7 +364,8 @@ pub fn apply_logits_processors<'a>(
 
 /// What [`apply_logits_processors`] does to row `row` of a batch, as per-token entries
 /// for the GPU (`kernels::sample::adjust`), which applies the same f32 operations in the
-/// same order: the processed logits come out bit for bit the same.
+/// same order: the processed logits come out the same, within one rounding where a driver
+/// fuses the penalty's multiply and the subtraction after it.
 pub fn logit_adjustments(
     row: u32,
     vocab: usize,

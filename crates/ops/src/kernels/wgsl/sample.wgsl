@@ -340,7 +340,8 @@ fn sample_pick(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // mask, -) then f32 bits of (bias, 1 / repetition penalty, repetition penalty, -) and
 // (frequency penalty x count, presence penalty, -, -). In the host's order: -inf for
 // masked stop tokens, + bias, x / penalty if positive else x * penalty, - frequency,
-// - presence (the same f32 operations, so the same bits).
+// - presence (the same f32 operations: the same values, within one rounding where the
+// driver fuses the multiply and the subtraction, as the H100's does).
 struct AdjustParams {
     count: u32,
     n: u32,
