@@ -287,8 +287,8 @@ fn gpu_sampled_requests_reproduce_whatever_the_batch() {
         .unwrap(),
     );
     let mut params = vec![seeded.clone(), greedy(10)];
-    // A neighbour the CPU samples (logprobs need its raw logits), and one with penalties
-    // applied on the GPU.
+    // Neighbours with logprobs (raw rows copied on the GPU) and with penalties (applied
+    // to the logits on the GPU).
     params.push(SamplingParams {
         logprobs: Some(2),
         ..seeded.clone()
