@@ -3,7 +3,7 @@
 //! log-sum-exp, the sampled token's logit and rank, and its top-N (id, logit) pairs:
 //! a few dozen numbers instead of the vocabulary.
 
-use super::{expect_dtype, wgsl};
+use super::{argmax, expect_dtype, sample, wgsl};
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::pipeline::Kernel;
@@ -50,6 +50,7 @@ pub struct Logprobs {
     raw: Tensor,
     req: Tensor,
     out: Tensor,
+    nth_key: Tensor,
 }
 
 /// Copies the rows in `reqs` of `logits` (`[rows, vocab]`): record before anything
@@ -79,6 +80,7 @@ pub fn gather(step: &mut Step, logits: &Tensor, reqs: &[LogprobRequest]) -> Resu
         raw: step.ctx.empty(&[rows, n], DType::F32)?,
         req: step.ctx.upload_u32(&[words.len()], &words)?,
         out: step.ctx.empty(&[rows * (MAX_TOP + 2) * 2], DType::U32)?,
+        nth_key: step.ctx.upload_u32(&[rows], &vec![0; rows])?,
     };
     let params = [rows as u32, n as u32];
     step.dispatch_at(
@@ -86,6 +88,34 @@ pub fn gather(step: &mut Step, logits: &Tensor, reqs: &[LogprobRequest]) -> Resu
         &[(0, logits), (1, &lp.raw), (3, &lp.req)],
         &params,
         grid(step.ctx, (rows * n).div_ceil(256)),
+    )?;
+    // The N-th largest logit of each row: the sampler's top-k search (at temperature 1).
+    let blocks = n.div_ceil(argmax::BLOCK as usize).max(1);
+    let partial = step.ctx.empty(&[rows * blocks, 2], DType::U32)?;
+    argmax::record_blocks(
+        step,
+        &lp.raw,
+        &partial,
+        &[rows as u32, n as u32, blocks as u32],
+        rows * blocks,
+    )?;
+    let search: Vec<sample::RowSampling> = reqs
+        .iter()
+        .map(|r| sample::RowSampling {
+            temperature: 1.0,
+            top_k: r.top,
+            ..sample::RowSampling::GREEDY
+        })
+        .collect();
+    let search_params = sample::upload_params(step.ctx, &search)?;
+    sample::search(
+        step,
+        &lp.raw,
+        &partial,
+        &search_params,
+        &lp.nth_key,
+        blocks,
+        false,
     )?;
     Ok(lp)
 }
@@ -96,7 +126,13 @@ pub fn finish(step: &mut Step, lp: &Logprobs, ids: &Tensor) -> Result<()> {
     expect_dtype("logprobs", ids, DType::U32)?;
     step.dispatch_at(
         &kernel("logprobs_rows"),
-        &[(1, &lp.raw), (2, ids), (3, &lp.req), (4, &lp.out)],
+        &[
+            (1, &lp.raw),
+            (2, ids),
+            (3, &lp.req),
+            (4, &lp.out),
+            (5, &lp.nth_key),
+        ],
         &[lp.rows as u32, lp.n as u32],
         grid(step.ctx, lp.rows),
     )

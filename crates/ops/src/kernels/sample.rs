@@ -93,32 +93,7 @@ pub fn sample(
         m * blocks,
     )?;
     if truncate {
-        let init: Vec<u32> = (0..m)
-            .flat_map(|_| [0, u32::MAX, 0, 0, 0, 0, 0, 0])
-            .collect();
-        let search = step.ctx.upload_u32(&[m * 8], &init)?;
-        let hist = step.ctx.empty(&[m * blocks * 16], DType::F32)?;
-        for pass in 0..2 * PASSES {
-            let pp = [m as u32, n as u32, blocks as u32, pass];
-            step.dispatch_at(
-                &kernel("search_hist"),
-                &[
-                    (0, logits),
-                    (1, &partial),
-                    (2, params),
-                    (6, &search),
-                    (7, &hist),
-                ],
-                &pp,
-                grid(step.ctx, m * blocks),
-            )?;
-            step.dispatch_at(
-                &kernel("search_narrow"),
-                &[(2, params), (5, &thresholds), (6, &search), (7, &hist)],
-                &pp,
-                grid(step.ctx, m),
-            )?;
-        }
+        search(step, logits, &partial, params, &thresholds, blocks, true)?;
     }
     step.dispatch_at(
         &kernel("sample_sums"),
@@ -145,6 +120,51 @@ pub fn sample(
         &p,
         grid(step.ctx, m),
     )
+}
+
+/// The threshold search of sample.wgsl (search_hist / search_narrow) over `logits`
+/// (`[m, n]`) with `partial` from argmax's first pass and per-row `params`: writes each
+/// row's threshold key (the top-k key, or with `top_p` the top-p key above it; 0 where
+/// the row asks for neither) into `thresholds`, which must start at 0.
+pub(crate) fn search(
+    step: &mut Step,
+    logits: &Tensor,
+    partial: &Tensor,
+    params: &Tensor,
+    thresholds: &Tensor,
+    blocks: usize,
+    top_p: bool,
+) -> Result<()> {
+    let n = logits.dim_back(0);
+    let m = logits.rows();
+    let init: Vec<u32> = (0..m)
+        .flat_map(|_| [0, u32::MAX, 0, 0, 0, 0, 0, 0])
+        .collect();
+    let state = step.ctx.upload_u32(&[m * 8], &init)?;
+    let hist = step.ctx.empty(&[m * blocks * 16], DType::F32)?;
+    let passes = if top_p { 2 * PASSES } else { PASSES };
+    for pass in 0..passes {
+        let pp = [m as u32, n as u32, blocks as u32, pass];
+        step.dispatch_at(
+            &kernel("search_hist"),
+            &[
+                (0, logits),
+                (1, partial),
+                (2, params),
+                (6, &state),
+                (7, &hist),
+            ],
+            &pp,
+            grid(step.ctx, m * blocks),
+        )?;
+        step.dispatch_at(
+            &kernel("search_narrow"),
+            &[(2, params), (5, thresholds), (6, &state), (7, &hist)],
+            &pp,
+            grid(step.ctx, m),
+        )?;
+    }
+    Ok(())
 }
 
 /// One token's processing before sampling (see `logits_adjust` in sample.wgsl): applied

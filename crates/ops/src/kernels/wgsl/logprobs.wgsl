@@ -2,8 +2,8 @@
 //   logprobs_gather: copies those rows of the logits before any processing;
 //   logprobs_rows:   one workgroup per such row: log-sum-exp; the sampled token's logit
 //                    and rank (1 + tokens with a larger logprob); its top-N tokens: all
-//                    above the N-th largest key (a 16-way search over keys, counting)
-//                    and, of those at it, the lowest ids.
+//                    above the N-th largest key (found before by sample.wgsl's search,
+//                    spread over the row's blocks) and, of those at it, the lowest ids.
 // Out per row, NMAX + 2 vec2<u32>: (lse bits, own logit bits), (rank, count), then count
 // (id, logit bits) pairs in no particular order. NaN counts as the lowest value.
 // Prelude: NMAX.
@@ -19,6 +19,8 @@ var<immediate> p: Params;
 // Per logprob row: (its row in the logits / ids, N).
 @group(0) @binding(3) var<storage, read> req: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> out: array<vec2<u32>>;
+// The N-th largest key of each row.
+@group(0) @binding(5) var<storage, read> nth_key: array<u32>;
 
 @compute @workgroup_size(256)
 fn logprobs_gather(@builtin(global_invocation_id) gid: vec3<u32>,
@@ -31,7 +33,6 @@ fn logprobs_gather(@builtin(global_invocation_id) gid: vec3<u32>,
     raw[i] = logits[req[r].x * p.n + i - r * p.n];
 }
 
-var<workgroup> lp_bins: array<f32, 64u * 16u>;
 var<workgroup> above_count: atomic<u32>;
 var<workgroup> tie_sums: array<u32, 64>;
 
@@ -70,46 +71,7 @@ fn logprobs_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         c += select(0.0, 1.0, raw[base + i] - lse > own_lp);
     }
     let rank = u32(wg_sum(c, sg, lane, nsg)) + 1u;
-    // The N-th largest key: the largest t with at least N keys at or above it.
-    var lo = 0u;
-    var hi = 0xffffffffu;
-    for (var it = 0u; it < 9u; it++) {
-        let step = (hi - lo) / 16u + 1u;
-        var acc: array<f32, 16>;
-        if want > 0u && lo < hi {
-            for (var i = li; i < p.n; i += 256u) {
-                let k = key(raw[base + i]);
-                if k >= lo {
-                    acc[min((k - lo) / step, 15u)] += 1.0;
-                }
-            }
-        }
-        for (var j = 0u; j < 16u; j++) {
-            let t = subgroupAdd(acc[j]);
-            if lane == 0u {
-                lp_bins[sg * 16u + j] = t;
-            }
-        }
-        workgroupBarrier();
-        var above = 0.0;
-        var best = 0u;
-        for (var j = 15u; j >= 1u; j--) {
-            for (var g = 0u; g < nsg; g++) {
-                above += lp_bins[g * 16u + j];
-            }
-            if best == 0u && j * step <= hi - lo && above >= f32(want) {
-                best = j;
-            }
-        }
-        workgroupBarrier();
-        if want > 0u && lo < hi {
-            let new_lo = lo + best * step;
-            if best < 15u && (best + 1u) * step - 1u <= hi - lo {
-                hi = lo + (best + 1u) * step - 1u;
-            }
-            lo = new_lo;
-        }
-    }
+    let lo = nth_key[r];
     // Gather: keys above the threshold anywhere (fewer than N of them), then ties at it
     // by increasing id (each invocation owns a contiguous run of ids).
     if li == 0u {

@@ -192,9 +192,11 @@ fn search_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         }
     }
     if p.step == PASSES - 1u {
-        // The top-k key is found (0 where top-k is off); top-p searches from it up.
+        // The top-k key is found (0 where top-k is off): the threshold unless top-p
+        // passes follow and search from it up.
         st.z = st.x;
         st.y = 0xffffffffu;
+        thresholds[row] = st.z;
     }
     if p.step == 2u * PASSES - 1u {
         thresholds[row] = select(st.z, st.x, wants_top_p(rp));
