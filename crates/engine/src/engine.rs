@@ -499,61 +499,61 @@ impl LLMEngine {
                 &rows_t,
                 &self.cfg.attention,
             )?;
-            // Greedy and GPU-sampled rows get their token here; the others (and the
-            // prompt-logprob rows) take the argmax, unused.
+            // Per sampled row: its logits processing, its draw (greedy rows and rows the
+            // host samples take the argmax, unused for the latter, as for the
+            // prompt-logprob rows), and whether it wants logprobs (of the raw logits,
+            // copied before processing).
             let mut row_sampling = Vec::with_capacity(rows.len());
             let mut adjust = Vec::new();
+            let mut lp_rows = Vec::new();
+            let mut lp_reqs = Vec::new();
             let eos = self.eos();
             let vocab = self.model.cfg.vocab;
             for (row, &(id, _)) in sample_rows.iter().enumerate() {
-                if let (Some(seq), Some(toks)) = (self.seqs.get(&id), self.tokens.get(&id)) {
-                    if !seq.params.needs_logits() {
-                        adjust.extend(sampler::logit_adjustments(
-                            row as u32,
-                            vocab,
-                            &seq.params,
-                            &toks.tokens[..seq.prompt_len],
-                            &toks.tokens[seq.prompt_len..],
-                            eos,
-                        ));
-                    }
+                let (Some(seq), Some(toks)) = (self.seqs.get_mut(&id), self.tokens.get(&id)) else {
+                    row_sampling.push(RowSampling::GREEDY);
+                    continue;
+                };
+                if seq.params.needs_logits() {
+                    row_sampling.push(RowSampling::GREEDY);
+                    continue;
                 }
-                row_sampling.push(match self.seqs.get_mut(&id) {
-                    Some(seq) if seq.params.sampled_on_gpu() => RowSampling {
+                adjust.extend(sampler::logit_adjustments(
+                    row as u32,
+                    vocab,
+                    &seq.params,
+                    &toks.tokens[..seq.prompt_len],
+                    &toks.tokens[seq.prompt_len..],
+                    eos,
+                ));
+                if let Some(n) = seq.params.logprobs {
+                    lp_rows.push(row);
+                    lp_reqs.push(LogprobRequest {
+                        row: row as u32,
+                        top: n as u32,
+                    });
+                }
+                row_sampling.push(if seq.params.sampled_on_gpu() {
+                    RowSampling {
                         temperature: seq.params.temperature.max(MIN_TEMPERATURE),
                         min_p: seq.params.min_p,
                         top_k: seq.params.top_k.max(0) as u32,
                         top_p: seq.params.top_p,
                         u: seq.sampling.uniform_f32(),
-                    },
-                    _ => RowSampling::GREEDY,
+                    }
+                } else {
+                    RowSampling::GREEDY
                 });
             }
             row_sampling.resize(rows.len(), RowSampling::GREEDY);
-            let params_t = sample::upload_params(ctx, &row_sampling)?;
             let out = ctx.empty(&[rows.len()], DType::U32)?;
-            // Rows that want logprobs (of the raw logits) copy them before processing.
-            let mut lp_rows = Vec::new();
-            let mut lp_reqs = Vec::new();
-            for (row, &(id, _)) in sample_rows.iter().enumerate() {
-                if let Some(seq) = self.seqs.get(&id) {
-                    if let (Some(n), false) = (seq.params.logprobs, seq.params.needs_logits()) {
-                        lp_rows.push(row);
-                        lp_reqs.push(LogprobRequest {
-                            row: row as u32,
-                            top: n as u32,
-                        });
-                    }
-                }
-            }
             let lp = if lp_reqs.is_empty() {
                 None
             } else {
                 Some(logprobs::gather(&mut step, &logits, &lp_reqs)?)
             };
             sample::adjust(&mut step, &logits, &adjust)?;
-            let truncate = row_sampling.iter().any(|r| r.top_k > 0 || r.top_p < 1.0);
-            sample::sample(&mut step, &logits, &params_t, &out, truncate)?;
+            sample::sample(&mut step, &logits, &row_sampling, &out)?;
             if let Some(lp) = lp {
                 logprobs::finish(&mut step, &lp, &out)?;
                 gpu_logprobs = Some((lp, lp_rows));

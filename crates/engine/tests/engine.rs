@@ -586,11 +586,10 @@ fn gpu_logprobs_match_the_host() {
             ..RowSampling::GREEDY
         })
         .collect();
-    let params = sample::upload_params(&ctx, &draws).unwrap();
     let ids = ctx.empty(&[rows.len()], DType::U32).unwrap();
     let mut step = Step::new(&ctx);
     let lp = logprobs::gather(&mut step, &logits, &reqs).unwrap();
-    sample::sample(&mut step, &logits, &params, &ids, false).unwrap();
+    sample::sample(&mut step, &logits, &draws, &ids).unwrap();
     logprobs::finish(&mut step, &lp, &ids).unwrap();
     step.submit_and_wait().unwrap();
     let got = logprobs::read(&ctx, &lp).unwrap();

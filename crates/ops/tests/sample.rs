@@ -14,12 +14,10 @@ fn run(n: usize, rows: &[(Vec<f32>, RowSampling)]) -> Vec<u32> {
     let flat: Vec<f32> = rows.iter().flat_map(|(r, _)| r.iter().copied()).collect();
     let logits = ctx.upload_f32(&[rows.len(), n], DType::F32, &flat).unwrap();
     let params: Vec<RowSampling> = rows.iter().map(|(_, p)| *p).collect();
-    let pt = sample::upload_params(ctx, &params).unwrap();
     let ids = ctx.empty(&[rows.len()], DType::U32).unwrap();
     ids.poison(ctx);
     let mut s = Step::new(ctx);
-    let truncate = params.iter().any(|p| p.top_k > 0 || p.top_p < 1.0);
-    sample::sample(&mut s, &logits, &pt, &ids, truncate).unwrap();
+    sample::sample(&mut s, &logits, &params, &ids).unwrap();
     s.submit_and_wait().unwrap();
     ids.to_u32_vec(ctx).unwrap()
 }
@@ -133,6 +131,10 @@ fn truncation_keeps_exactly_the_top_tokens() {
             "top-k 3 never drew {id}"
         );
     }
+    // A batch where no row asks for top-p runs the top-k half of the search only.
+    let top_k_only: Vec<_> = rows.iter().step_by(2).cloned().collect();
+    let alone = run(n, &top_k_only);
+    assert_eq!(alone, got.iter().step_by(2).copied().collect::<Vec<_>>());
 }
 
 #[test]

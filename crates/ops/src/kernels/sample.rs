@@ -50,7 +50,7 @@ impl RowSampling {
 
 /// Uploads per-row parameters as [`sample`] reads them (`[rows, 8]` f32; top-k is exact
 /// in f32 up to 2^24, far beyond any vocabulary).
-pub fn upload_params(ctx: &crate::GpuContext, rows: &[RowSampling]) -> Result<Tensor> {
+pub(crate) fn upload_params(ctx: &crate::GpuContext, rows: &[RowSampling]) -> Result<Tensor> {
     let flat: Vec<f32> = rows
         .iter()
         .flat_map(|r| {
@@ -64,37 +64,40 @@ pub fn upload_params(ctx: &crate::GpuContext, rows: &[RowSampling]) -> Result<Te
 /// Passes of the threshold search per threshold (sample.wgsl's PASSES).
 const PASSES: u32 = 9;
 
-/// `ids[m]`: row m of `logits` sampled with `params[m]` (see [`RowSampling`]). `truncate`:
-/// some row asks for top-k or top-p (else the threshold search is not recorded).
-pub fn sample(
-    step: &mut Step,
-    logits: &Tensor,
-    params: &Tensor,
-    ids: &Tensor,
-    truncate: bool,
-) -> Result<()> {
+/// `ids[m]`: row m of `logits` sampled with `rows[m]` (see [`RowSampling`]). The
+/// threshold search is recorded only when some row asks for top-k or top-p, and its
+/// top-p half only when some row asks for top-p.
+pub fn sample(step: &mut Step, logits: &Tensor, rows: &[RowSampling], ids: &Tensor) -> Result<()> {
     expect_dtype("sample", logits, DType::F32)?;
-    expect_dtype("sample", params, DType::F32)?;
     expect_dtype("sample", ids, DType::U32)?;
     let n = logits.dim_back(0);
     let m = logits.rows();
     expect_len("sample", "ids", ids, m)?;
-    expect_len("sample", "params", params, 8 * m)?;
+    if rows.len() != m {
+        return Err(crate::error::shape_err(
+            "sample",
+            format!("{} parameter rows for {m} logits rows", rows.len()),
+        ));
+    }
+    let params = &upload_params(step.ctx, rows)?;
+    let drawn = |r: &&RowSampling| r.temperature > 0.0;
+    let top_k = rows.iter().filter(drawn).any(|r| r.top_k > 0);
+    let top_p = rows.iter().filter(drawn).any(|r| r.top_p < 1.0);
     let blocks = n.div_ceil(argmax::BLOCK as usize).max(1);
     let partial = step.ctx.empty(&[m * blocks, 2], DType::U32)?;
     let sums = step.ctx.empty(&[m * blocks], DType::F32)?;
     let thresholds = step.ctx.upload_u32(&[m], &vec![0; m])?;
-    let p = [m as u32, n as u32, blocks as u32, 0];
     argmax::record_blocks(
         step,
         logits,
         &partial,
-        &p[..3].try_into().unwrap(),
+        &[m as u32, n as u32, blocks as u32],
         m * blocks,
     )?;
-    if truncate {
-        search(step, logits, &partial, params, &thresholds, blocks, true)?;
+    if top_k || top_p {
+        search(step, logits, &partial, params, &thresholds, blocks, top_p)?;
     }
+    let p = [m as u32, n as u32, blocks as u32, 0];
     step.dispatch_at(
         &kernel("sample_sums"),
         &[
