@@ -135,6 +135,7 @@ impl GpuContext {
             wgpu::Features::TIMESTAMP_QUERY,
             wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
             wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+            wgpu::Features::SUBGROUP_BARRIER,
         ] {
             if offered.contains(optional) {
                 wanted |= optional;
@@ -231,6 +232,18 @@ impl GpuContext {
     /// True where the adapter runs subgroups of exactly `n` invocations.
     pub fn subgroup_is(&self, n: u32) -> bool {
         self.info.subgroup_min_size == n && self.info.subgroup_max_size == n
+    }
+
+    /// Whether `subgroupBarrier()` orders workgroup memory between a subgroup's invocations
+    /// here. On Metal naga emits `simdgroup_barrier(mem_threadgroup)`, which does. On
+    /// Vulkan naga's barrier carries subgroup scope but only SubgroupMemory semantics, which
+    /// the Vulkan memory model ignores: NVIDIA's driver still orders shared memory at a warp
+    /// barrier (the kernels test checks it on the H100); other drivers are not trusted.
+    pub fn subgroup_barrier_orders_shared(&self) -> bool {
+        const NVIDIA: u32 = 0x10de;
+        self.features.contains(wgpu::Features::SUBGROUP_BARRIER)
+            && (self.info.backend == wgpu::Backend::Metal
+                || (self.info.backend == wgpu::Backend::Vulkan && self.info.vendor == NVIDIA))
     }
 
     pub fn has_timestamps(&self) -> bool {

@@ -15,6 +15,7 @@ fn validate(k: &Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
     // SHADER_F16_IN_F32 (pack/unpack2x16float), which Metal and Vulkan always have.
     let mut caps = Capabilities::IMMEDIATES
         | Capabilities::SUBGROUP
+        | Capabilities::SUBGROUP_BARRIER
         | Capabilities::SHADER_FLOAT16
         | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     if k.coop {

@@ -4,6 +4,7 @@
 //! offers f16 matrices with f32 accumulators.
 
 use super::{expect_dtype, expect_len, wgsl};
+use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::pipeline::Kernel;
@@ -130,13 +131,21 @@ pub struct CoopConfig {
     pub stages: u32,
     /// Halves of padding per staged row (spreads fragment rows over banks).
     pub pad: u32,
+    /// Depth of a staged slice: 32 or 64.
+    pub bk: u32,
+    /// Single-buffered, with the next slice's global loads held in registers while the
+    /// current one multiplies (`stages` must be 1).
+    pub prefetch: bool,
+    /// Result tiles written out with subgroup barriers instead of workgroup barriers
+    /// (each subgroup owns its staging tile).
+    pub sub_epilogue: bool,
 }
 
 impl CoopConfig {
-    /// 16x16 (Vulkan / NVIDIA): vector staging, 4 subgroups of 64 x 64 and rows padded by
-    /// 8 halves, the best of the sweep on the H100 (146-186 TFLOP/s on the Qwen3-30B-A3B
-    /// prefill shapes against 89-109 for 8 subgroups of 64 x 32 unpadded;
-    /// docs/performance.md). Apple's 8x8: scalar staging (what simdgroup loads take),
+    /// 16x16 (Vulkan / NVIDIA): vector staging, 4 subgroups of 64 x 64, rows padded by 8
+    /// halves and the next slice prefetched into registers, the best of the sweep on the
+    /// H100 (160-206 TFLOP/s on the Qwen3-30B-A3B prefill shapes against 89-109 for 8
+    /// subgroups of 64 x 32 unpadded; docs/performance.md). Apple's 8x8: scalar staging (what simdgroup loads take),
     /// 8 subgroups of 32 x 16, unpadded, until measured on a Mac.
     pub fn for_size(s: u32) -> CoopConfig {
         if s == 16 {
@@ -146,6 +155,9 @@ impl CoopConfig {
                 frags_n: 4,
                 stages: 1,
                 pad: 8,
+                bk: 32,
+                prefetch: true,
+                sub_epilogue: false,
             }
         } else {
             CoopConfig {
@@ -154,7 +166,21 @@ impl CoopConfig {
                 frags_n: 2,
                 stages: 1,
                 pad: 0,
+                bk: 32,
+                prefetch: false,
+                sub_epilogue: false,
             }
+        }
+    }
+
+    /// `for_size` for this device's fragments, with the subgroup-barrier epilogue where
+    /// the device orders workgroup memory at a subgroup barrier (160-209 TFLOP/s against
+    /// 148-204 without on the H100's prefill shapes; docs/performance.md).
+    pub fn for_device(ctx: &GpuContext) -> CoopConfig {
+        let s = ctx.coop.map(|c| c.m).unwrap_or(16);
+        CoopConfig {
+            sub_epilogue: ctx.subgroup_barrier_orders_shared(),
+            ..CoopConfig::for_size(s)
         }
     }
 
@@ -170,7 +196,7 @@ impl CoopConfig {
 
     /// Workgroup memory in bytes: staged slices plus one S x S f32 tile per subgroup.
     pub fn shared_bytes(&self, s: u32) -> u32 {
-        let lds = 32 + self.pad;
+        let lds = self.bk + self.pad;
         self.stages * (8 * s + self.tile_n(s)) * lds * 2 + 2 * self.sgn * s * s * 4
     }
 
@@ -181,46 +207,66 @@ impl CoopConfig {
         self.sgn > 0
             && matches!(self.frags_n, 2 | 4)
             && (1..=2).contains(&self.stages)
+            && !(self.prefetch && self.stages == 2)
+            && matches!(self.bk, 32 | 64)
+            && self.bk.is_multiple_of(s)
             && self.pad.is_multiple_of(unit.max(4))
-            && (8 * s * 32 / 4).is_multiple_of(t)
-            && (self.tile_n(s) * 32 / 8).is_multiple_of(t)
+            && (8 * s * self.bk / 4).is_multiple_of(t)
+            && (self.tile_n(s) * self.bk / 8).is_multiple_of(t)
             && self.shared_bytes(s) <= shared_limit
     }
 
-    /// The splits `bench kernels --coop-sweep` compares (the default first), each valid.
+    /// The splits `bench kernels --coop-sweep` compares (the default first), each valid:
+    /// around the default (the wider sweep of docs/performance.md ruled the rest out).
     pub fn sweep(s: u32, shared_limit: u32) -> Vec<CoopConfig> {
         let base = CoopConfig::for_size(s);
-        let other = CoopConfig {
+        let mut v = vec![base];
+        let mut add = |c: CoopConfig| {
+            if c.valid(s, shared_limit) && !v.contains(&c) {
+                v.push(c);
+            }
+        };
+        add(CoopConfig {
             vec_staging: !base.vec_staging,
             ..base
-        };
-        let mut v = vec![base, other];
-        for (sgn, frags_n) in [(4, 2), (2, 4), (4, 4)] {
-            for stages in [1, 2] {
-                for pad in [0, 4, 8, 16] {
-                    let c = CoopConfig {
-                        sgn,
-                        frags_n,
-                        stages,
-                        pad,
-                        ..base
-                    };
-                    if c.valid(s, shared_limit) && !v.contains(&c) {
-                        v.push(c);
-                    }
-                }
+        });
+        for (sgn, frags_n) in [(4, 2), (2, 4), (4, 4), (2, 2)] {
+            for pad in [0, 4, 8] {
+                add(CoopConfig {
+                    sgn,
+                    frags_n,
+                    pad,
+                    ..base
+                });
             }
         }
+        add(CoopConfig {
+            prefetch: false,
+            ..base
+        });
+        add(CoopConfig {
+            stages: 2,
+            prefetch: false,
+            ..base
+        });
+        add(CoopConfig { bk: 64, ..base });
+        add(CoopConfig {
+            sub_epilogue: true,
+            ..base
+        });
         v
     }
 
     /// A short name for benchmark tables.
     pub fn label(&self) -> String {
         format!(
-            "{}x{}{}{}{}",
+            "{}x{}{}{}{}{}{}{}",
             self.sgn,
             self.frags_n,
             if self.stages == 2 { "+db" } else { "" },
+            if self.prefetch { "+pf" } else { "" },
+            if self.bk != 32 { "+k64" } else { "" },
+            if self.sub_epilogue { "+se" } else { "" },
             if self.pad > 0 {
                 format!("+p{}", self.pad)
             } else {
@@ -261,6 +307,9 @@ pub(crate) fn coop_base(
         .u32("FN", c.frags_n)
         .u32("STAGES", c.stages)
         .u32("PAD", c.pad)
+        .u32("BK", c.bk)
+        .bool("PREFETCH", c.prefetch)
+        .bool("SUB_EPILOGUE", c.sub_epilogue)
         .u32("W_DTYPE", dtype.float_code())
         .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
         .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
@@ -300,8 +349,15 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::BF16,
     ));
     for &s in coop_sizes {
-        v.push(coop_kernel(s, DType::F16, CoopConfig::for_size(s)));
-        v.push(coop_kernel(s, DType::BF16, CoopConfig::for_size(s)));
+        for sub_epilogue in [false, true] {
+            for dt in [DType::F16, DType::BF16] {
+                let c = CoopConfig {
+                    sub_epilogue,
+                    ..CoopConfig::for_size(s)
+                };
+                v.push(coop_kernel(s, dt, c));
+            }
+        }
         for c in CoopConfig::sweep(s, 48 * 1024) {
             v.push(coop_kernel(s, DType::F16, c));
         }
@@ -404,7 +460,7 @@ pub fn matmul_tuned(
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
-                let cfg = tuning.coop.unwrap_or(CoopConfig::for_size(s));
+                let cfg = tuning.coop.unwrap_or(CoopConfig::for_device(step.ctx));
                 if !cfg.valid(s, step.ctx.limits.max_compute_workgroup_storage_size) {
                     return Err(shape_err(
                         "matmul",

@@ -257,13 +257,13 @@ fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool) -> Kern
         .u32("GATHER", gather as u32)
 }
 
-fn coop_kernel(s: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
+fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> Kernel {
     let (name, src) = if s == 16 {
         ("moe_coop.wgsl+vec", COOP_VEC)
     } else {
         ("moe_coop.wgsl+scalar", COOP_SCALAR)
     };
-    matmul::coop_base(name, src, s, dtype, CoopConfig::for_size(s))
+    matmul::coop_base(name, src, s, dtype, c)
         .u32("ACT", act as u32)
         .u32("GATHER", gather as u32)
 }
@@ -275,8 +275,14 @@ fn combine_kernel() -> Kernel {
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = vec![route_kernel(), combine_kernel()];
     for &s in coop_sizes {
-        v.push(coop_kernel(s, DType::F16, true, true));
-        v.push(coop_kernel(s, DType::BF16, false, false));
+        for sub_epilogue in [false, true] {
+            let c = CoopConfig {
+                sub_epilogue,
+                ..CoopConfig::for_size(s)
+            };
+            v.push(coop_kernel(s, c, DType::F16, true, true));
+            v.push(coop_kernel(s, c, DType::BF16, false, false));
+        }
     }
     for (mt, dt, act) in [
         (1, DType::F16, true),
@@ -454,9 +460,10 @@ fn grouped(
                     ),
                 ));
             }
+            let c = CoopConfig::for_device(step.ctx);
             (
-                coop_kernel(s, w.dtype, act, gather),
-                rows_per_expert.div_ceil(CoopConfig::for_size(s).tile_n(s) as usize),
+                coop_kernel(s, c, w.dtype, act, gather),
+                rows_per_expert.div_ceil(c.tile_n(s) as usize),
             )
         }
     };

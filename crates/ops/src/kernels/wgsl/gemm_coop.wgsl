@@ -5,7 +5,8 @@
 //   setup(wg) -> bool        per-workgroup state; false: nothing to do (uniform);
 //   x_load(r, k) -> vec4<f32>  X[r, k .. k + 4) of local row r (zeros past the edges);
 //   w_load(n, k) -> vec4<u32>  W[n, k .. k + 8) packed halves (zeros past the edges);
-//   emit(r, n, i)            writes result cs[i] of local row r, column n.
+//   emit4(r, n, i)           writes results cs[i .. i + 4) of local row r, columns n .. n + 4
+//                            (n % 4 == 0).
 // The workgroup tile is BM = 8 S rows (the MoE routing tiles' height) by BN columns, held
 // by 2 x SGN subgroups of 32 (the launcher checks the size); each owns a 4 x FN grid of
 // S x S accumulators, FN = 2 or 4. (The accumulators are named variables: in arrays the
@@ -15,16 +16,18 @@
 // loads take scalar pointers) or as vec4<f16> (SHW = 4: a quarter of the stores, and the
 // fragment stride counts vectors). With STAGES = 2 the slices are double-buffered: the
 // next slice's global loads are in flight while the current one multiplies, and one
-// barrier per slice suffices.
-// Needs K % 8 == 0 (128-bit loads). Prelude: S (8 or 16), SGN, FN, STAGES, PAD,
-// W_DTYPE, aliases CA, CB, CC.
+// barrier per slice suffices. With PREFETCH (single buffer) the next slice's global loads
+// wait in registers while the current slice multiplies, and are staged after its barrier.
+// SUB_EPILOGUE writes the results out with subgroup barriers around each subgroup's own
+// staging tile instead of workgroup barriers.
+// Needs K % 8 == 0 (128-bit loads). Prelude: S (8 or 16), SGN, FN, STAGES, PAD, BK (32 or
+// 64), PREFETCH, SUB_EPILOGUE, W_DTYPE, aliases CA, CB, CC.
 
 const SGM: u32 = 2u;
 const FM: u32 = 4u;
 const WG: u32 = 32u * SGM * SGN;
 const BM: u32 = 8u * S;
 const BN: u32 = SGN * FN * S;
-const BK: u32 = 32u;
 // Staged row stride, in halves and in shared elements.
 const LDS: u32 = BK + PAD;
 const LDE: u32 = LDS / SHW;
@@ -38,12 +41,20 @@ var<workgroup> cs: array<f32, SGM * SGN * S * S>;
 
 fn store_tile(acc: CC, sg: u32, lane: u32, sg_size: u32, m_base: u32, n_base: u32) {
     coopStoreT(acc, &cs[sg * S * S], S);
-    workgroupBarrier();
-    for (var e = lane; e < S * S; e += sg_size) {
-        let r = e / S;
-        emit(m_base + r, n_base + e - r * S, sg * S * S + e);
+    if SUB_EPILOGUE {
+        subgroupBarrier();
+    } else {
+        workgroupBarrier();
     }
-    workgroupBarrier();
+    for (var e = lane * 4u; e < S * S; e += sg_size * 4u) {
+        let r = e / S;
+        emit4(m_base + r, n_base + e - r * S, sg * S * S + e);
+    }
+    if SUB_EPILOGUE {
+        subgroupBarrier();
+    } else {
+        workgroupBarrier();
+    }
 }
 
 // Global loads of one BK-deep slice of x and W into registers (zeros past the edges).
@@ -107,13 +118,21 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     var xr: array<vec4<f32>, X_LOADS>;
     var wr: array<vec4<u32>, W_LOADS>;
     var cur = 0u;
-    if STAGES == 2u {
+    if STAGES == 2u || PREFETCH {
         load_slice(0u, n0, li, &xr, &wr);
+    }
+    if STAGES == 2u {
         stage_slice(0u, li, &xr, &wr);
         workgroupBarrier();
     }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        if STAGES == 1u {
+        if PREFETCH {
+            stage_slice(0u, li, &xr, &wr);
+            workgroupBarrier();
+            if k0 + BK < p.k {
+                load_slice(k0 + BK, n0, li, &xr, &wr);
+            }
+        } else if STAGES == 1u {
             load_slice(k0, n0, li, &xr, &wr);
             stage_slice(0u, li, &xr, &wr);
             workgroupBarrier();

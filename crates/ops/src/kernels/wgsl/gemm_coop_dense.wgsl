@@ -34,8 +34,19 @@ fn w_load(n: u32, k: u32) -> vec4<u32> {
     return vec4<u32>(0u);
 }
 
-fn emit(r: u32, n: u32, i: u32) {
-    if m0 + r < p.m && n < p.n {
-        y[(m0 + r) * p.ldy + p.n_offset + n] = cs[i];
+fn emit4(r: u32, n: u32, i: u32) {
+    if m0 + r >= p.m {
+        return;
+    }
+    let o = (m0 + r) * p.ldy + p.n_offset + n;
+    if n + 3u < p.n {
+        y[o] = cs[i];
+        y[o + 1u] = cs[i + 1u];
+        y[o + 2u] = cs[i + 2u];
+        y[o + 3u] = cs[i + 3u];
+        return;
+    }
+    for (var j = 0u; n + j < p.n; j++) {
+        y[o + j] = cs[i + j];
     }
 }

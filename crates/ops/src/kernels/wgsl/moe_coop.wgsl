@@ -37,17 +37,20 @@ fn w_load(n: u32, k: u32) -> vec4<u32> {
     return vec4<u32>(0u);
 }
 
-fn emit(r: u32, n: u32, i: u32) {
-    if r >= rows || n >= p.n {
+fn emit4(r: u32, n: u32, i: u32) {
+    if r >= rows {
         return;
     }
+    let row = first + r;
     if ACT == 1u {
         // Gate and up columns are adjacent (even, odd) in the same fragment row.
-        if (n & 1u) == 0u {
-            let g = cs[i];
-            y[(first + r) * (p.n / 2u) + n / 2u] = g / (1.0 + exp(-g)) * cs[i + 1u];
+        for (var j = 0u; j < 4u && n + j < p.n; j += 2u) {
+            let g = cs[i + j];
+            y[row * (p.n / 2u) + (n + j) / 2u] = g / (1.0 + exp(-g)) * cs[i + j + 1u];
         }
     } else {
-        y[(first + r) * p.n + n] = cs[i];
+        for (var j = 0u; j < 4u && n + j < p.n; j++) {
+            y[row * p.n + n + j] = cs[i + j];
+        }
     }
 }
