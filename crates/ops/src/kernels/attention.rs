@@ -348,7 +348,14 @@ fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32) -> Kernel {
 fn coop_shared_bytes(s: AttnShape, frag: usize, ch: usize) -> usize {
     let d = s.head_dim;
     let hp = frag;
-    hp * d * 2 + (ch * hp).max(hp * d) * 4 + ch * hp * 2 + frag * d * 2 + (ch / frag + 3 * hp) * 4
+    // Up to 8 query fragments are held in registers, staged through the probabilities.
+    // Scores and probabilities are [head][pos] with rows padded by 4 and 8 elements.
+    let (sps, pps) = (ch + 4, ch + 8);
+    let (qh, ph) = match d / frag <= 8 {
+        true => (1, (hp * pps).max(hp * d)),
+        false => (hp * d, hp * pps),
+    };
+    qh * 2 + (hp * sps).max(hp * d) * 4 + ph * 2 + frag * d * 2 + (ch / frag + 3 * hp) * 4
 }
 
 /// Whether the kernel's layout takes this shape with `frag` x `frag` fragments.

@@ -6,7 +6,7 @@
 // inside one cache block, so its rows are D apart):
 //   scores:  subgroups take position fragments; S[pos, head] = K[pos, :] . Q[head, :]
 //            with K fragments loaded straight from the cache, Q (scaled, f16) from
-//            workgroup memory;
+//            registers (up to 8 fragments: D <= 8 S) or workgroup memory;
 //   softmax: a subgroup per head: the chunk max, the running max and sum (online
 //            softmax), probabilities rounded to f16 (the sum counts the rounded values);
 //   values:  subgroups take D / S column fragments; O[head, :] = P[head, pos] V[pos, :]
@@ -53,12 +53,22 @@ const HPS: u32 = (G + NSG - 1u) / NSG;
 const OPT: u32 = (G * D + WG - 1u) / WG;
 const NEG_INF: f32 = -3.4e38;
 
-// Scaled queries [head][dim] (pad heads zero).
-var<workgroup> qh: array<f16, HP * D>;
-// The chunk's scores [pos][head], later its outputs [head][dim].
-var<workgroup> fs: array<f32, max(CH * HP, HP * D)>;
-// Probabilities [pos][head] (pad heads stay zero).
-var<workgroup> ph: array<f16, CH * HP>;
+// Up to 8 query fragments live in registers (named q0 .. q7), staged once through ph;
+// more stay in workgroup memory (qh). Workgroup memory bounds this kernel's occupancy,
+// and so its bandwidth, on the H100 (docs/performance.md).
+const QREG: bool = KF <= 8u;
+// Scaled queries [head][dim] (pad heads zero), where not in registers.
+var<workgroup> qh: array<f16, select(HP * D, 1u, QREG)>;
+// Row strides of the chunk's scores (f32) and probabilities (f16), [head][pos]: a
+// subgroup's softmax walks one head's positions without bank conflicts, and the padding
+// spreads a fragment's rows over the banks.
+const SPS: u32 = CH + 4u;
+const PPS: u32 = CH + 8u;
+// The chunk's scores [head][pos] (stride SPS), later its outputs [head][dim].
+var<workgroup> fs: array<f32, max(HP * SPS, HP * D)>;
+// Probabilities [head][pos] (stride PPS; pad heads stay zero); first the queries [head][dim]
+// where QREG.
+var<workgroup> ph: array<f16, max(HP * PPS, select(0u, HP * D, QREG))>;
 // The partial fragment's V rows, zero past the context.
 var<workgroup> vt: array<f16, S * D>;
 // First cache element of each position fragment's rows.
@@ -94,9 +104,39 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
         if i < G * D {
             v = qkv[qrow + i] * p.scale;
         }
-        qh[i] = f16(v);
+        if QREG {
+            ph[i] = f16(v);
+        } else {
+            qh[i] = f16(v);
+        }
     }
-    for (var i = li; i < CH * HP; i += WG) {
+    var q0 = CB();
+    var q1 = CB();
+    var q2 = CB();
+    var q3 = CB();
+    var q4 = CB();
+    var q5 = CB();
+    var q6 = CB();
+    var q7 = CB();
+    if QREG {
+        workgroupBarrier();
+        q0 = coopLoad<CB>(&ph[0], D);
+        if KF > 1u {
+            q1 = coopLoad<CB>(&ph[S], D);
+        }
+        if KF > 2u {
+            q2 = coopLoad<CB>(&ph[2u * S], D);
+            q3 = coopLoad<CB>(&ph[3u * S], D);
+        }
+        if KF > 4u {
+            q4 = coopLoad<CB>(&ph[4u * S], D);
+            q5 = coopLoad<CB>(&ph[5u * S], D);
+            q6 = coopLoad<CB>(&ph[6u * S], D);
+            q7 = coopLoad<CB>(&ph[7u * S], D);
+        }
+        workgroupBarrier();
+    }
+    for (var i = li; i < HP * PPS; i += WG) {
         ph[i] = f16(0.0);
     }
     for (var i = li; i < S * D; i += WG) {
@@ -122,12 +162,29 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
                 fbase[f] = base;
             }
             var sc = CC();
-            for (var kf = 0u; kf < KF; kf++) {
-                let a = coopLoadT<CA>(&k_cache[base + kf * S], D);
-                let b = coopLoad<CB>(&qh[kf * S], D);
-                sc = coopMultiplyAdd(a, b, sc);
+            if QREG {
+                sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base], D), q0, sc);
+                if KF > 1u {
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + S], D), q1, sc);
+                }
+                if KF > 2u {
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 2u * S], D), q2, sc);
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 3u * S], D), q3, sc);
+                }
+                if KF > 4u {
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 4u * S], D), q4, sc);
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 5u * S], D), q5, sc);
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 6u * S], D), q6, sc);
+                    sc = coopMultiplyAdd(coopLoadT<CA>(&k_cache[base + 7u * S], D), q7, sc);
+                }
+            } else {
+                for (var kf = 0u; kf < KF; kf++) {
+                    let a = coopLoadT<CA>(&k_cache[base + kf * S], D);
+                    let b = coopLoad<CB>(&qh[kf * S], D);
+                    sc = coopMultiplyAdd(a, b, sc);
+                }
             }
-            coopStoreT(sc, &fs[f * S * HP], HP);
+            coopStore(sc, &fs[f * S], SPS);
         }
         workgroupBarrier();
 
@@ -136,7 +193,7 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
             if g < G {
                 var mx = NEG_INF;
                 for (var i = lane; i < n; i += 32u) {
-                    mx = max(mx, fs[i * HP + g]);
+                    mx = max(mx, fs[g * SPS + i]);
                 }
                 let m_new = max(m_run[j], subgroupMax(mx));
                 let a = exp(m_run[j] - m_new);
@@ -144,9 +201,9 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
                 for (var i = lane; i < CH; i += 32u) {
                     var e = f16(0.0);
                     if i < n {
-                        e = f16(exp(fs[i * HP + g] - m_new));
+                        e = f16(exp(fs[g * SPS + i] - m_new));
                     }
-                    ph[i * HP + g] = e;
+                    ph[g * PPS + i] = e;
                     sum += f32(e);
                 }
                 l_run[j] = l_run[j] * a + subgroupAdd(sum);
@@ -180,7 +237,7 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
         let d2 = min(sg + 2u * NSG, KF - 1u) * S;
         let d3 = min(sg + 3u * NSG, KF - 1u) * S;
         for (var f = 0u; f < nfull; f++) {
-            let a = coopLoad<CA>(&ph[f * S * HP], HP);
+            let a = coopLoadT<CA>(&ph[f * S], PPS);
             let base = fbase[f];
             o0 = coopMultiplyAdd(a, coopLoadT<CB>(&v_cache[base + d0], D), o0);
             if NF > 1u {
@@ -192,7 +249,7 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
             }
         }
         // Unconditionally (uniform control flow): the partial fragment, or zeros.
-        let a = coopLoad<CA>(&ph[min(nfull, CH / S - 1u) * S * HP], HP);
+        let a = coopLoadT<CA>(&ph[min(nfull, CH / S - 1u) * S], PPS);
         o0 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d0], D), o0);
         if NF > 1u {
             o1 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d1], D), o1);
