@@ -338,10 +338,21 @@ fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32) -> Kernel {
     .bool("SPLIT", split)
     .u32("S", frag)
     .u32("CH", chunk)
+    .u32("NSG", coop_subgroups(frag, chunk))
     .alias("CA", format!("coop_mat{frag}x{frag}<f16, A>"))
     .alias("CB", format!("coop_mat{frag}x{frag}<f16, B>"))
     .alias("CC", format!("coop_mat{frag}x{frag}<f32, C>"))
     .coop()
+}
+
+/// Subgroups per workgroup of the cooperative-matrix kernel: 8 where a chunk has a
+/// position fragment for each, else 4.
+fn coop_subgroups(frag: u32, chunk: u32) -> u32 {
+    if chunk / frag >= 8 {
+        8
+    } else {
+        4
+    }
 }
 
 /// Workgroup memory of the cooperative-matrix kernel in bytes.
@@ -349,13 +360,14 @@ fn coop_shared_bytes(s: AttnShape, frag: usize, ch: usize) -> usize {
     let d = s.head_dim;
     let hp = frag;
     // Up to 8 query fragments are held in registers, staged through the probabilities.
-    // Scores and probabilities are [head][pos] with rows padded by 4 and 8 elements.
+    // Scores and probabilities are [head][pos] with rows padded by 4 and 8 elements, the
+    // outputs [head][dim] padded by 4.
     let (sps, pps) = (ch + 4, ch + 8);
     let (qh, ph) = match d / frag <= 8 {
         true => (1, (hp * pps).max(hp * d)),
         false => (hp * d, hp * pps),
     };
-    qh * 2 + (hp * sps).max(hp * d) * 4 + ph * 2 + frag * d * 2 + (ch / frag + 3 * hp) * 4
+    qh * 2 + (hp * sps).max(hp * (d + 4)) * 4 + ph * 2 + frag * d * 2 + (ch / frag + 3 * hp) * 4
 }
 
 /// Whether the kernel's layout takes this shape with `frag` x `frag` fragments.

@@ -14,11 +14,11 @@
 //            zero rows past the context, so stale cache rows never meet a zero weight);
 //   merge:   the chunk's O goes through workgroup memory into per-invocation registers,
 //            o = o * alpha + O (matrices cannot be rescaled row by row).
-// Needs subgroups of 32 (four per workgroup), G <= S, D / S <= 16 and block_size % S == 0
-// (the launcher checks). Matrices live in named variables (in arrays the driver spills
+// Needs subgroups of 32 (NSG per workgroup, 4 or 8, CH / S >= NSG), G <= S, D / S <= 16
+// and block_size % S == 0 (the launcher checks). Matrices live in named variables (in arrays the driver spills
 // them), and no branch around a matrix operation depends on the subgroup: subgroups whose
 // fragment is past the context, or past D, redo a valid one and their result is unused.
-// Prelude: G, D, SPLIT, S, CH; aliases CA, CB, CC.
+// Prelude: G, D, SPLIT, S, CH, NSG; aliases CA, CB, CC.
 struct Params {
     t: u32,
     hq: u32,
@@ -40,8 +40,7 @@ var<immediate> p: Params;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
 
-const WG: u32 = 128u;
-const NSG: u32 = 4u;
+const WG: u32 = 32u * NSG;
 // Heads padded to one fragment; fragments per row (dims); position fragments per subgroup.
 const HP: u32 = S;
 const KF: u32 = D / S;
@@ -64,8 +63,10 @@ var<workgroup> qh: array<f16, select(HP * D, 1u, QREG)>;
 // spreads a fragment's rows over the banks.
 const SPS: u32 = CH + 4u;
 const PPS: u32 = CH + 8u;
-// The chunk's scores [head][pos] (stride SPS), later its outputs [head][dim].
-var<workgroup> fs: array<f32, max(HP * SPS, HP * D)>;
+// Row stride of the chunk's outputs [head][dim] (f32), padded likewise.
+const OPS: u32 = D + 4u;
+// The chunk's scores [head][pos] (stride SPS), later its outputs [head][dim] (stride OPS).
+var<workgroup> fs: array<f32, max(HP * SPS, HP * OPS)>;
 // Probabilities [head][pos] (stride PPS; pad heads stay zero); first the queries [head][dim]
 // where QREG.
 var<workgroup> ph: array<f16, max(HP * PPS, select(0u, HP * D, QREG))>;
@@ -259,19 +260,20 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
             o3 = coopMultiplyAdd(a, coopLoadT<CB>(&vt[d3], D), o3);
         }
         // Subgroups that redid a fragment store the same values as its owner.
-        coopStoreT(o0, &fs[d0], D);
+        coopStoreT(o0, &fs[d0], OPS);
         if NF > 1u {
-            coopStoreT(o1, &fs[d1], D);
+            coopStoreT(o1, &fs[d1], OPS);
         }
         if NF > 2u {
-            coopStoreT(o2, &fs[d2], D);
-            coopStoreT(o3, &fs[d3], D);
+            coopStoreT(o2, &fs[d2], OPS);
+            coopStoreT(o3, &fs[d3], OPS);
         }
         workgroupBarrier();
         for (var k = 0u; k < OPT; k++) {
             let i = li + k * WG;
             if i < G * D {
-                o[k] = o[k] * alpha[i / D] + fs[i];
+                let g = i / D;
+                o[k] = o[k] * alpha[g] + fs[i + g * (OPS - D)];
             }
         }
         workgroupBarrier();
