@@ -501,6 +501,27 @@ pub fn attend(
     a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
+    attend_writing(step, opts, a, out, false)
+}
+
+/// Whether the attention dispatch itself writes the batch's new K/V (fused decode): a
+/// decode batch on the matrix kernel, with the KV write fused.
+fn writes_kv(step: &Step, opts: &AttentionOptions, a: &AttnInputs) -> Result<bool> {
+    Ok(opts.paged
+        && opts.fused_kv
+        && a.meta.max_query_len <= 1
+        && uses_matrices(step.ctx, opts, a.meta, a.shape)?.is_some())
+}
+
+/// `attend`; with `write_kv` (only where `writes_kv`) the matrix kernel also writes each
+/// token's K/V into the cache first.
+fn attend_writing(
+    step: &mut Step,
+    opts: &AttentionOptions,
+    a: &AttnInputs,
+    out: &Tensor,
+    write_kv: bool,
+) -> Result<()> {
     check_inputs(a)?;
     let (qkv, meta, cache, s, scale) = (a.qkv, a.meta, a.cache, a.shape, a.scale);
     expect_dtype("attention", out, DType::F32)?;
@@ -543,9 +564,21 @@ pub fn attend(
         &cache.k,
         &cache.v,
     ];
+    // The matrix kernel also takes the slots and the write flag.
+    let mut params = params.to_vec();
+    let mut tail: Vec<&Tensor> = Vec::new();
+    if frag.is_some() {
+        params.push(write_kv as u32);
+        tail.push(&meta.slot_mapping);
+    }
     if splits == 1 {
         let dummy = step.ctx.dummy()?.clone();
-        let b: Vec<&Tensor> = inputs.iter().copied().chain([out, &dummy]).collect();
+        let b: Vec<&Tensor> = inputs
+            .iter()
+            .copied()
+            .chain([out, &dummy])
+            .chain(tail)
+            .collect();
         return step.dispatch(&kernel(false), &b, &params, groups);
     }
     let g = s.group();
@@ -555,7 +588,12 @@ pub fn attend(
     let ml = step
         .ctx
         .empty(&[t * s.kv_heads * splits, g, 2], DType::F32)?;
-    let b: Vec<&Tensor> = inputs.iter().copied().chain([&part, &ml]).collect();
+    let b: Vec<&Tensor> = inputs
+        .iter()
+        .copied()
+        .chain([&part, &ml])
+        .chain(tail)
+        .collect();
     step.dispatch(&kernel(true), &b, &params, groups)?;
     let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
     step.dispatch(
@@ -628,14 +666,18 @@ fn attend_reference(step: &mut Step, a: &AttnInputs, out: &Tensor) -> Result<()>
 }
 
 /// KV write and attention for one layer. With `fused_kv` both go into the current
-/// submission back to back (the GPU orders them; the CPU never waits); without it the KV
-/// write is submitted and completed before attention is recorded.
+/// submission back to back (the GPU orders them; the CPU never waits), and a decode batch
+/// on the matrix kernel writes its K/V inside the attention dispatch itself; without it
+/// the KV write is submitted and completed before attention is recorded.
 pub fn attention(
     step: &mut Step,
     opts: &AttentionOptions,
     a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
+    if writes_kv(step, opts, a)? {
+        return attend_writing(step, opts, a, out, true);
+    }
     write_kv(step, a)?;
     if !opts.fused_kv {
         step.sync()?;

@@ -28,6 +28,8 @@ struct Params {
     scale: f32,
     part_len: u32,
     splits: u32,
+    // 1: decode batch whose new K/V this dispatch writes (see write_new_kv).
+    write_kv: u32,
 }
 var<immediate> p: Params;
 
@@ -35,10 +37,11 @@ var<immediate> p: Params;
 @group(0) @binding(1) var<storage, read> seq_of: array<u32>;
 @group(0) @binding(2) var<storage, read> ctx_of: array<u32>;
 @group(0) @binding(3) var<storage, read> block_tables: array<u32>;
-@group(0) @binding(4) var<storage, read> k_cache: array<f16>;
-@group(0) @binding(5) var<storage, read> v_cache: array<f16>;
+@group(0) @binding(4) var<storage, read_write> k_cache: array<f16>;
+@group(0) @binding(5) var<storage, read_write> v_cache: array<f16>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
+@group(0) @binding(8) var<storage, read> slots: array<i32>;
 
 const WG: u32 = 32u * NSG;
 // Heads padded to one fragment; fragments per row (dims); position fragments per subgroup.
@@ -100,6 +103,20 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
     let hi = min(lo + p.part_len, n_ctx);
 
     let qrow = t * (p.hq + 2u * p.hkv) * D + h * G * D;
+    // Fused decode: in a decode batch every token is its sequence's newest position, so the
+    // workgroup whose partition holds that position writes the token's K and V for head h
+    // into the cache (f16, at its slot) before reading the cache. No other workgroup reads
+    // that row: the other partitions stop short of it and other sequences own other blocks.
+    if p.write_kv == 1u && n_ctx > 0u && n_ctx - 1u >= lo && n_ctx - 1u < hi && slots[t] >= 0 {
+        let slot = u32(slots[t]);
+        let dst = ((slot / p.bs * p.hkv + h) * p.bs + slot % p.bs) * D;
+        let src = t * (p.hq + 2u * p.hkv) * D + (p.hq + h) * D;
+        for (var i = li; i < D; i += WG) {
+            k_cache[dst + i] = f16(qkv[src + i]);
+            v_cache[dst + i] = f16(qkv[src + p.hkv * D + i]);
+        }
+    }
+    storageBarrier();
     for (var i = li; i < HP * D; i += WG) {
         var v = 0.0;
         if i < G * D {
