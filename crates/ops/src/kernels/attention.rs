@@ -600,7 +600,7 @@ fn attend_writing(
         &reduce_kernel(s),
         &[&part, &ml, out],
         &rparams,
-        grid(step.ctx, t * s.kv_heads),
+        grid(step.ctx, t * s.q_heads),
     )
 }
 
