@@ -281,13 +281,17 @@ pub fn generate(
 }
 
 /// GPU time of every dispatch of one decode step after a prefill of `context` tokens:
-/// (kernel label, seconds), in recording order (for `bench decode --profile`).
+/// (kernel label, seconds), in recording order, then "end" (for `bench decode --profile`);
+/// without `per_dispatch` only "end": the whole step's GPU time, from two timestamps.
+/// The step is recorded `repeats` times after one prefill.
 pub fn profile_decode_step(
     ctx: &GpuContext,
     model: &DecoderModel,
     context: usize,
     opts: &AttentionOptions,
-) -> Result<Vec<(String, f64)>, ModelError> {
+    per_dispatch: bool,
+    repeats: usize,
+) -> Result<Vec<Vec<(String, f64)>>, ModelError> {
     let context = context.max(1);
     let blocks = (context + 1).div_ceil(BLOCK_SIZE);
     let kv = KvCache::new(ctx, model.kv_spec(BLOCK_SIZE), blocks)?;
@@ -315,8 +319,13 @@ pub fn profile_decode_step(
     let ids = ctx.upload_u32(&[1], &[next])?;
     let last = ctx.upload_u32(&[1], &[0])?;
     let out = ctx.empty(&[1], DType::U32)?;
-    let mut step = Step::profiled(ctx, 4095)?;
-    let logits = model.forward(&mut step, &ids, &meta, &kv, &last, opts)?;
-    argmax::argmax(&mut step, &logits, &out)?;
-    Ok(step.finish_profile()?)
+    let mut runs = Vec::new();
+    for _ in 0..repeats.max(1) {
+        // The same step each time: its KV write lands on the same slot.
+        let mut step = Step::profiled(ctx, if per_dispatch { 4095 } else { 0 })?;
+        let logits = model.forward(&mut step, &ids, &meta, &kv, &last, opts)?;
+        argmax::argmax(&mut step, &logits, &out)?;
+        runs.push(step.finish_profile()?);
+    }
+    Ok(runs)
 }

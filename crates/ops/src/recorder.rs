@@ -71,7 +71,8 @@ impl<'c> Step<'c> {
     }
 
     /// A step that writes a GPU timestamp after each of its first `capacity` dispatches, for
-    /// per-kernel profiles (`finish_profile`); needs TIMESTAMP_QUERY_INSIDE_PASSES.
+    /// per-kernel profiles (`finish_profile`; capacity 0: only the whole step's span);
+    /// needs TIMESTAMP_QUERY_INSIDE_PASSES.
     pub fn profiled(ctx: &'c GpuContext, capacity: u32) -> Result<Self> {
         if !ctx
             .features
@@ -82,12 +83,12 @@ impl<'c> Step<'c> {
             ));
         }
         // wgpu's limit on one query set.
-        let capacity = capacity.min(4095);
+        let capacity = capacity.min(4094);
         let mut step = Step::new(ctx);
         let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
             ty: wgpu::QueryType::Timestamp,
-            count: capacity + 1,
+            count: capacity + 2,
         });
         step.pass()?.write_timestamp(&queries, 0);
         step.profile = Some(Profile {
@@ -99,13 +100,17 @@ impl<'c> Step<'c> {
     }
 
     /// Submits a profiled step, waits, and returns each dispatch's label and GPU seconds
-    /// (from the previous timestamp to its own, so barriers count to the later dispatch).
+    /// (from the previous timestamp to its own, so barriers count to the later dispatch),
+    /// then "end": from the last timestamp to the end of the step.
     pub fn finish_profile(mut self) -> Result<Vec<(String, f64)>> {
         let ctx = self.ctx;
-        let p = self
+        let mut p = self
             .profile
             .take()
             .ok_or_else(|| OpsError::Config("step is not profiled".into()))?;
+        self.pass()?
+            .write_timestamp(&p.queries, p.labels.len() as u32);
+        p.labels.push("end".into());
         let n = p.labels.len() as u32;
         self.pass = None;
         let ticks = read_timestamps(ctx, &mut self, &p.queries, n)?;

@@ -119,8 +119,23 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         1e3 * out.decode_submit_seconds / steps,
         1e3 * (out.decode_seconds - out.decode_record_seconds - out.decode_submit_seconds) / steps
     );
+    let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+    if ctx.features.contains(inside) {
+        // The median of five steps' GPU spans (two timestamps each: no per-dispatch cost).
+        let runs = profile_decode_step(&ctx, &model, args.prompt, &attn, false, 5)?;
+        let mut spans: Vec<f64> = runs
+            .iter()
+            .map(|r| r.iter().map(|(_, s)| s).sum())
+            .collect();
+        spans.sort_by(f64::total_cmp);
+        println!(
+            "GPU time of one decode step (timestamps around it): {:.2} ms",
+            spans[spans.len() / 2] * 1e3
+        );
+    }
     if args.profile {
-        print_profile(&profile_decode_step(&ctx, &model, args.prompt, &attn)?);
+        let runs = profile_decode_step(&ctx, &model, args.prompt, &attn, true, 1)?;
+        print_profile(&runs[0]);
     }
     Ok(())
 }
