@@ -154,6 +154,80 @@ fn gemv_decode_shapes() {
     }
 }
 
+#[test]
+fn fused_gemv_norm_and_accumulate() {
+    // y (+)= rmsnorm(x) W^T or x W^T, against the CPU norm then the CPU product.
+    let ctx = ctx();
+    for (i, (m, n, k, dt)) in [
+        (1usize, 1536usize, 576usize, DType::F16),
+        (3, 1000, 1000, DType::BF16),
+        (8, 77, 2048, DType::F16),
+        (5, 130, 64, DType::F32),
+        (2, 300, 768, DType::F16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (norm, accumulate) in [(true, false), (false, true), (true, true)] {
+            let mut r = rng(400 + i as u64);
+            // Rows of a residual stream: not unit scale, so the norm matters.
+            let x = randn(&mut r, m * k, 3.0);
+            let g = randn(&mut r, k, 1.0);
+            let w = dt.round_trip(&randn(&mut r, n * k, 0.5));
+            let y0 = randn(&mut r, m * n, 1.0);
+            let eps = 1e-6;
+            let wt =
+                Weight::upload_chunked(ctx, "w", n, k, dt, &dt.encode_f32(&w), u64::MAX).unwrap();
+            let xt = ctx.upload_f32(&[m, k], DType::F32, &x).unwrap();
+            let gt = ctx.upload_f32(&[k], DType::F32, &g).unwrap();
+            let y = ctx.upload_f32(&[m, n], DType::F32, &y0).unwrap();
+            if !accumulate {
+                y.poison(ctx);
+            }
+            let mut s = Step::new(ctx);
+            let f = matmul::Fusion {
+                norm: norm.then_some((&gt, eps)),
+                accumulate,
+            };
+            matmul::matmul_fused(&mut s, &xt, &wt, &y, f).unwrap();
+            s.submit_and_wait().unwrap();
+            let xin = match norm {
+                true => vllm_apple_ops::kernels::rmsnorm::cpu::rmsnorm(&x, &g, eps),
+                false => x.clone(),
+            };
+            let mut want = matmul::cpu::matmul(&xin, &w, n, k);
+            if accumulate {
+                for (a, b) in want.iter_mut().zip(&y0) {
+                    *a += b;
+                }
+            }
+            assert_close(
+                &format!("fused gemv norm={norm} accumulate={accumulate} {dt} m={m} n={n} k={k}"),
+                &y.to_f32_vec(ctx).unwrap(),
+                &want,
+                F32_ACCUM_TOL * (k as f64).sqrt() * 3.0,
+            );
+        }
+    }
+    // Beyond the fused GEMV's rows: an error, not a silent fallback.
+    let xt = ctx
+        .upload_f32(&[9, 64], DType::F32, &vec![1.0; 9 * 64])
+        .unwrap();
+    let wt = Weight::upload_chunked(
+        ctx,
+        "w",
+        8,
+        64,
+        DType::F32,
+        &DType::F32.encode_f32(&[0.5; 512]),
+        u64::MAX,
+    )
+    .unwrap();
+    let y = ctx.empty(&[9, 8], DType::F32).unwrap();
+    let mut s = Step::new(ctx);
+    assert!(matmul::matmul_fused(&mut s, &xt, &wt, &y, matmul::Fusion::default()).is_err());
+}
+
 fn gemv(c: GemvConfig) -> Tuning {
     Tuning {
         gemv: Some(c),

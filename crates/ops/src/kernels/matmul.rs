@@ -104,13 +104,53 @@ impl GemvConfig {
     }
 }
 
-fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType) -> Kernel {
+fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -> Kernel {
     Kernel::new("gemv.wgsl", GEMV, "gemv")
         .u32("M", m as u32)
         .u32("WG", c.wg)
         .u32("TPR", c.tpr)
         .u32("RPT", c.rpt)
         .u32("W_DTYPE", dtype.float_code())
+        .bool("NORM", norm)
+        .bool("ACCUM", accum)
+}
+
+/// What a decode GEMV folds around its product (`matmul_fused`): the RMSNorm of its input
+/// (x holds raw residual-stream rows; the product is with `rmsnorm(x) * weight`, with this
+/// weight and eps), and the residual add of its output (y += the product).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fusion<'a> {
+    pub norm: Option<(&'a Tensor, f32)>,
+    pub accumulate: bool,
+}
+
+/// Largest M `matmul_fused` takes: each token adds a sum of squares to the GEMV's
+/// register accumulators.
+pub const FUSED_MAX_M: usize = 8;
+
+/// Whether `matmul_fused` runs for `m` rows of x times `w` (the GEMV path).
+pub fn fusable(m: usize, w: &Weight) -> bool {
+    m <= FUSED_MAX_M && gemv_ok(m, w)
+}
+
+/// `matmul` on the GEMV path with `f` folded in: a decode step's RMSNorm and residual add
+/// without dispatches of their own. An error where the GEMV does not apply (`fusable`).
+pub fn matmul_fused(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, f: Fusion) -> Result<()> {
+    let m = x.numel() / w.k.max(1);
+    if !fusable(m, w) {
+        return Err(shape_err(
+            "matmul",
+            format!(
+                "fused GEMV needs M <= {FUSED_MAX_M} and K % 8 == 0; got M={m} K={}",
+                w.k
+            ),
+        ));
+    }
+    if let Some((g, _)) = f.norm {
+        expect_dtype("matmul norm weight", g, DType::F32)?;
+        expect_len("matmul", "norm weight", g, w.k)?;
+    }
+    gemm_checked(step, x, w, y, MatmulPath::Gemv, Tuning::default(), &f)
 }
 
 fn gemm_kernel(dtype: DType) -> Kernel {
@@ -325,7 +365,13 @@ pub(crate) fn coop_available(step: &Step) -> bool {
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        v.push(gemv_kernel(1, GemvConfig::for_shape(1, 2048), dt));
+        v.push(gemv_kernel(
+            1,
+            GemvConfig::for_shape(1, 2048),
+            dt,
+            false,
+            false,
+        ));
         v.push(gemm_kernel(dt));
     }
     v.push(gemv_kernel(
@@ -336,9 +382,35 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
             rpt: 8,
         },
         DType::F16,
+        false,
+        false,
     ));
-    v.push(gemv_kernel(32, GemvConfig::for_shape(32, 2048), DType::F16));
-    v.push(gemv_kernel(1, GemvConfig::for_shape(1, 768), DType::F16));
+    v.push(gemv_kernel(
+        32,
+        GemvConfig::for_shape(32, 2048),
+        DType::F16,
+        false,
+        false,
+    ));
+    v.push(gemv_kernel(
+        1,
+        GemvConfig::for_shape(1, 768),
+        DType::F16,
+        false,
+        false,
+    ));
+    // The decode fusions: a normed input, an accumulated output, both, for each dtype.
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        for (norm, accum) in [(true, false), (false, true), (true, true)] {
+            v.push(gemv_kernel(
+                4,
+                GemvConfig::for_shape(4, 2048),
+                dt,
+                norm,
+                accum,
+            ));
+        }
+    }
     v.push(gemv_kernel(
         3,
         GemvConfig {
@@ -347,6 +419,8 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
             rpt: 2,
         },
         DType::BF16,
+        false,
+        false,
     ));
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
@@ -410,6 +484,18 @@ pub fn matmul_tuned(
     path: MatmulPath,
     tuning: Tuning,
 ) -> Result<()> {
+    gemm_checked(step, x, w, y, path, tuning, &Fusion::default())
+}
+
+fn gemm_checked(
+    step: &mut Step,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    path: MatmulPath,
+    tuning: Tuning,
+    fusion: &Fusion,
+) -> Result<()> {
     expect_dtype("matmul", x, DType::F32)?;
     expect_dtype("matmul", y, DType::F32)?;
     let k = w.k;
@@ -449,11 +535,20 @@ pub fn matmul_tuned(
                         format!("invalid GEMV split {cfg:?} for M={m}"),
                     ));
                 }
-                let params = [n, k as u32, c.row_start as u32, w.n as u32];
+                let eps = fusion.norm.map_or(0.0, |(_, e)| e);
+                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps.to_bits()];
                 let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
+                let dummy;
+                let g = match fusion.norm {
+                    Some((g, _)) => g,
+                    None => {
+                        dummy = step.ctx.dummy()?.clone();
+                        &dummy
+                    }
+                };
                 step.dispatch(
-                    &gemv_kernel(m, cfg, w.dtype),
-                    &[x, &c.tensor, y],
+                    &gemv_kernel(m, cfg, w.dtype, fusion.norm.is_some(), fusion.accumulate),
+                    &[x, &c.tensor, y, g],
                     &params,
                     groups,
                 )?;

@@ -246,7 +246,7 @@ fn gemv_tpr(ctx: &GpuContext, k: usize) -> u32 {
     }
 }
 
-fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool) -> Kernel {
+fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: bool) -> Kernel {
     Kernel::new("moe_gemv.wgsl", GEMV, "moe_gemv")
         .u32("MT", mt)
         .u32("WG", GEMV_WG)
@@ -255,6 +255,7 @@ fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool) -> Kern
         .u32("W_DTYPE", dtype.float_code())
         .u32("ACT", act as u32)
         .u32("GATHER", gather as u32)
+        .bool("NORM", norm)
 }
 
 fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> Kernel {
@@ -268,12 +269,12 @@ fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> 
         .u32("GATHER", gather as u32)
 }
 
-fn combine_kernel() -> Kernel {
-    Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine")
+fn combine_kernel(accumulate: bool) -> Kernel {
+    Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine").bool("ACCUM", accumulate)
 }
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
-    let mut v = vec![route_kernel(), combine_kernel()];
+    let mut v = vec![route_kernel(), combine_kernel(false), combine_kernel(true)];
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
             let c = CoopConfig {
@@ -291,8 +292,9 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         (4, DType::BF16, false),
         (2, DType::F32, true),
     ] {
-        v.push(gemv_kernel(mt, 64, dt, act, act));
-        v.push(gemv_kernel(mt, 32, dt, act, act));
+        v.push(gemv_kernel(mt, 64, dt, act, act, false));
+        v.push(gemv_kernel(mt, 32, dt, act, act, false));
+        v.push(gemv_kernel(mt, 32, dt, act, act, true));
     }
     v
 }
@@ -414,6 +416,7 @@ fn grouped(
     act: bool,
     gather: bool,
     cfg: GroupedConfig,
+    norm: Option<(&Tensor, f32)>,
 ) -> Result<()> {
     let vec = if w.dtype == DType::F32 { 4 } else { 8 };
     if !w.k.is_multiple_of(vec) {
@@ -436,9 +439,15 @@ fn grouped(
             let tpr = gemv_tpr(step.ctx, w.k);
             let rows_per_group = (GEMV_WG / tpr * GEMV_RPT) as usize;
             (
-                gemv_kernel(mt, tpr, w.dtype, act, gather),
+                gemv_kernel(mt, tpr, w.dtype, act, gather, norm.is_some()),
                 rows_per_expert.div_ceil(rows_per_group),
             )
+        }
+        GroupedPath::Coop if norm.is_some() => {
+            return Err(shape_err(
+                "moe gemm",
+                "a folded RMSNorm needs the GEMV path (decode-sized groups)",
+            ))
         }
         GroupedPath::Coop => {
             let s = match step.ctx.coop {
@@ -467,16 +476,24 @@ fn grouped(
             )
         }
     };
+    let gemv = matches!(cfg.path, GroupedPath::Gemv { .. });
+    let dummy = step.ctx.dummy()?.clone();
+    let norm_w = norm.map_or(&dummy, |(g, _)| g);
     for c in &w.chunks {
         let params = [
             rows_per_expert as u32,
             w.k as u32,
             (c.row_start / rows_per_expert) as u32,
             (c.rows / rows_per_expert) as u32,
+            norm.map_or(0.0, |(_, e)| e).to_bits(),
         ];
+        let mut b = vec![x, &c.tensor, y, &r.tiles, &r.sorted];
+        if gemv {
+            b.push(norm_w);
+        }
         step.dispatch(
             &kernel,
-            &[x, &c.tensor, y, &r.tiles, &r.sorted],
+            &b,
             &params,
             [groups_x as u32, r.max_tiles as u32, 1],
         )?;
@@ -551,6 +568,17 @@ pub fn expert_rows(
     shape: &MoeShape,
     s: &MoeScratch,
 ) -> Result<()> {
+    expert_rows_normed(step, x, None, experts, shape, s)
+}
+
+fn expert_rows_normed(
+    step: &mut Step,
+    x: &Tensor,
+    norm: Option<(&Tensor, f32)>,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    s: &MoeScratch,
+) -> Result<()> {
     let (h, f) = (experts.hidden, experts.ffn);
     route_into(step, &s.logits, shape, &s.routing)?;
     grouped(
@@ -563,6 +591,7 @@ pub fn expert_rows(
         true,
         true,
         s.cfg,
+        norm,
     )?;
     grouped(
         step,
@@ -574,7 +603,57 @@ pub fn expert_rows(
         false,
         false,
         s.cfg,
+        None,
     )
+}
+
+/// Whether `moe_rows_normed` runs for this layer and scratch: decode-sized batches, whose
+/// router and expert GEMMs take the GEMV path.
+pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
+    matches!(scratch.cfg.path, GroupedPath::Gemv { .. })
+        && matmul::fusable(scratch.routing.tokens, router)
+}
+
+/// `moe_rows` on raw residual-stream rows `x`, with the layer's RMSNorm (`norm`: weight,
+/// eps) folded into the router GEMV and the gate/up GEMV (see `fusable`); together with
+/// `combine_add` the MoE layer of a decode step needs no norm or add dispatch.
+pub fn moe_rows_normed(
+    step: &mut Step,
+    x: &Tensor,
+    norm: (&Tensor, f32),
+    router: &Weight,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    scratch: &MoeScratch,
+) -> Result<()> {
+    if !fusable(router, scratch) {
+        return Err(shape_err(
+            "moe",
+            "a folded RMSNorm needs the GEMV paths (decode-sized batches)",
+        ));
+    }
+    check_router(router, experts, shape)?;
+    expect_dtype("moe", x, DType::F32)?;
+    expect_len("moe", "norm weight", norm.0, experts.hidden)?;
+    let f = matmul::Fusion {
+        norm: Some(norm),
+        accumulate: false,
+    };
+    matmul::matmul_fused(step, x, router, &scratch.logits, f)?;
+    expert_rows_normed(step, x, Some(norm), experts, shape, scratch)
+}
+
+fn check_router(router: &Weight, experts: &ExpertWeights, shape: &MoeShape) -> Result<()> {
+    if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
+        return Err(shape_err(
+            "moe",
+            format!(
+                "router [{}, {}] and {} experts for {} experts of hidden {}",
+                router.n, router.k, experts.experts, shape.experts, experts.hidden
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Router GEMM, routing and expert GEMMs of a MoE layer (everything but the combine), for
@@ -587,15 +666,7 @@ pub fn moe_rows(
     shape: &MoeShape,
     scratch: &MoeScratch,
 ) -> Result<()> {
-    if router.n != shape.experts || router.k != experts.hidden || experts.experts != shape.experts {
-        return Err(shape_err(
-            "moe",
-            format!(
-                "router [{}, {}] and {} experts for {} experts of hidden {}",
-                router.n, router.k, experts.experts, shape.experts, experts.hidden
-            ),
-        ));
-    }
+    check_router(router, experts, shape)?;
     expect_dtype("moe", x, DType::F32)?;
     matmul::matmul(step, x, router, &scratch.logits)?;
     expert_rows(step, x, experts, shape, scratch)
@@ -640,11 +711,27 @@ pub fn combine_add_rmsnorm(
 
 /// `y[t] = sum_j topk_w[t, j] rows[pair_pos[t, j]]`.
 pub fn combine(step: &mut Step, rows: &Tensor, r: &Routing, y: &Tensor) -> Result<()> {
+    combine_into(step, rows, r, y, false)
+}
+
+/// `combine` added into `residual` (`residual[t] += sum_j topk_w[t, j] rows[pair_pos[t, j]]`):
+/// the end of a decode step's MoE layer whose next RMSNorm is folded into the next GEMV.
+pub fn combine_add(step: &mut Step, rows: &Tensor, r: &Routing, residual: &Tensor) -> Result<()> {
+    combine_into(step, rows, r, residual, true)
+}
+
+fn combine_into(
+    step: &mut Step,
+    rows: &Tensor,
+    r: &Routing,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
     let h = y.numel() / r.tokens;
     expect_len("moe combine", "rows", rows, r.tokens * r.top_k * h)?;
     let params = [r.tokens as u32, h as u32, r.top_k as u32];
     step.dispatch(
-        &combine_kernel(),
+        &combine_kernel(accumulate),
         &[rows, &r.topk_w, &r.pair_pos, y],
         &params,
         grid(step.ctx, (r.tokens * h).div_ceil(256)),

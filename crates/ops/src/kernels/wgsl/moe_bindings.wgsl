@@ -6,6 +6,8 @@ struct Params {
     k: u32,
     e0: u32,
     e_count: u32,
+    // RMSNorm epsilon of moe_gemv.wgsl's NORM.
+    eps: f32,
 }
 var<immediate> p: Params;
 

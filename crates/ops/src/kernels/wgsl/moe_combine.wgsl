@@ -1,5 +1,7 @@
 // Weighted sum of each token's k expert outputs (rows in expert-sorted order) back into
-// token order: y[t, h] = sum_j topk_w[t k + j] * rows[pair_pos[t k + j], h], in pick order.
+// token order: y[t, h] = sum_j topk_w[t k + j] * rows[pair_pos[t k + j], h], in pick order;
+// ACCUM: y[t, h] += that sum (the residual add of a decode step whose next RMSNorm is folded
+// into the GEMV that reads it). Prelude: ACCUM.
 struct Params {
     tokens: u32,
     hidden: u32,
@@ -26,5 +28,9 @@ fn moe_combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         let pair = t * p.k + j;
         acc += topk_w[pair] * rows[pair_pos[pair] * p.hidden + h];
     }
-    y[idx] = acc;
+    if ACCUM {
+        y[idx] += acc;
+    } else {
+        y[idx] = acc;
+    }
 }

@@ -8,12 +8,16 @@
 // output is silu(gate) * up, n / 2 columns; 0: plain output, n columns.
 // Weights: this dispatch's chunk holds experts [e0, e0 + e_count), n rows each.
 // Weights f32 (W_DTYPE 0, K % 4 == 0) or f16 / bf16 (K % 8 == 0).
-// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER.
-// Params and bindings: moe_bindings.wgsl.
+// NORM: x rows are raw residual-stream rows, multiplied as rmsnorm(x) * norm_w (as in
+// gemv.wgsl: the sums of squares ride along with the products).
+// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM.
+// Params and bindings: moe_bindings.wgsl, and the norm weight (NORM; a dummy otherwise):
+@group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
 
 const GROUPS: u32 = WG / TPR;
 const ACC: u32 = MT * RPT;
-var<workgroup> partial: array<f32, (WG / 4u) * ACC>;
+const SLOTS: u32 = ACC + select(0u, MT, NORM);
+var<workgroup> partial: array<f32, (WG / 4u) * SLOTS>;
 
 @compute @workgroup_size(WG)
 fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
@@ -48,14 +52,22 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         for (var j = 0u; j < ACC; j++) {
             acc[j] = 0.0;
         }
+        var ssq: array<f32, MT>;
+        for (var m = 0u; m < MT; m++) {
+            ssq[m] = 0.0;
+        }
         if W_DTYPE == 0u {
             for (var i = lt; i < kx; i += TPR) {
-                for (var r = 0u; r < RPT; r++) {
-                    let row = wbase + min(row0 + r, p.n - 1u);
-                    let wf = bitcast<vec4<f32>>(w[row * kx + i]);
-                    for (var m = 0u; m < MT; m++) {
-                        if m < count {
-                            acc[m * RPT + r] += dot(wf, x[xrow[m] + i]);
+                for (var m = 0u; m < MT; m++) {
+                    if m < count {
+                        var xv = x[xrow[m] + i];
+                        if NORM {
+                            ssq[m] += dot(xv, xv);
+                            xv *= norm_w[i];
+                        }
+                        for (var r = 0u; r < RPT; r++) {
+                            let row = wbase + min(row0 + r, p.n - 1u);
+                            acc[m * RPT + r] += dot(bitcast<vec4<f32>>(w[row * kx + i]), xv);
                         }
                     }
                 }
@@ -69,7 +81,16 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
                     let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
                     for (var m = 0u; m < MT; m++) {
                         if m < count {
-                            acc[m * RPT + r] += dot(a, x[xrow[m] + 2u * i]) + dot(b, x[xrow[m] + 2u * i + 1u]);
+                            var x0 = x[xrow[m] + 2u * i];
+                            var x1 = x[xrow[m] + 2u * i + 1u];
+                            if NORM {
+                                if r == 0u {
+                                    ssq[m] += dot(x0, x0) + dot(x1, x1);
+                                }
+                                x0 *= norm_w[2u * i];
+                                x1 *= norm_w[2u * i + 1u];
+                            }
+                            acc[m * RPT + r] += dot(a, x0) + dot(b, x1);
                         }
                     }
                 }
@@ -78,7 +99,15 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         for (var j = 0u; j < ACC; j++) {
             let s = subgroupAdd(acc[j]);
             if lane == 0u {
-                partial[sg * ACC + j] = s;
+                partial[sg * SLOTS + j] = s;
+            }
+        }
+        if NORM {
+            for (var m = 0u; m < MT; m++) {
+                let s = subgroupAdd(ssq[m]);
+                if lane == 0u {
+                    partial[sg * SLOTS + min(ACC + m, SLOTS - 1u)] = s;
+                }
             }
         }
         workgroupBarrier();
@@ -92,11 +121,20 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
             let per = TPR / sg_size;
             var v0 = 0.0;
             var v1 = 0.0;
+            var ss = 0.0;
             for (var s = og * per; s < (og + 1u) * per; s++) {
-                v0 += partial[s * ACC + j];
+                v0 += partial[s * SLOTS + j];
                 if ACT == 1u {
-                    v1 += partial[s * ACC + j + 1u];
+                    v1 += partial[s * SLOTS + j + 1u];
                 }
+                if NORM {
+                    ss += partial[s * SLOTS + min(ACC + m, SLOTS - 1u)];
+                }
+            }
+            if NORM {
+                let rstd = inverseSqrt(ss / f32(p.k) + p.eps);
+                v0 *= rstd;
+                v1 *= rstd;
             }
             let row = wg_row0 + og * RPT + r;
             if row < p.n && m < count {
