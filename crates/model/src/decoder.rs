@@ -91,6 +91,12 @@ pub struct DecoderModel {
     inv_freq: Tensor,
 }
 
+fn missing_scratch() -> ModelError {
+    ModelError::Ops(OpsError::Gpu(
+        "MLP scratch missing for a layer kind (config and weights disagree)".into(),
+    ))
+}
+
 /// llama.cpp's converter interleaves the two rotary halves of every q/k head
 /// (row `j * d/2 + i` of a head is stored at `2 i + j`); undo it to get Hugging Face rows.
 fn unpermute_rows(w: &[f32], heads: usize, k: usize) -> Vec<f32> {
@@ -665,15 +671,33 @@ impl DecoderModel {
             head_dim: d,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        rmsnorm::rmsnorm(
-            step,
-            &residual,
-            &self.layers[0].attn_norm,
-            c.rms_eps,
-            &normed,
-        )?;
+        // Decode-sized batches fold every RMSNorm into the GEMV that reads it and every
+        // residual add into the GEMV (or MoE combine) that produces it: a layer then has no
+        // norm or add dispatch. Larger batches norm and add in dispatches of their own.
+        let fused = self.layers.iter().all(|l| {
+            let mlp = match (&l.mlp, &moe_scratch) {
+                (Mlp::Dense { gate_up, down }, _) => {
+                    matmul::fusable(t, gate_up) && matmul::fusable(t, down)
+                }
+                (Mlp::Moe { router, .. }, Some(s)) => moe::fusable(router, s),
+                (Mlp::Moe { .. }, None) => false,
+            };
+            mlp && matmul::fusable(t, &l.qkv) && matmul::fusable(t, &l.o)
+        });
+        let eps = c.rms_eps;
+        if !fused {
+            rmsnorm::rmsnorm(step, &residual, &self.layers[0].attn_norm, eps, &normed)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
-            matmul::matmul(step, &normed, &layer.qkv, &qkv)?;
+            if fused {
+                let f = matmul::Fusion {
+                    norm: Some((&layer.attn_norm, eps)),
+                    accumulate: false,
+                };
+                matmul::matmul_fused(step, &residual, &layer.qkv, &qkv, f)?;
+            } else {
+                matmul::matmul(step, &normed, &layer.qkv, &qkv)?;
+            }
             if let Some(b) = &layer.qkv_bias {
                 bias::add_bias(step, &qkv, b)?;
             }
@@ -695,6 +719,41 @@ impl DecoderModel {
                 scale,
             };
             attention::attention(step, opts, &inputs, &attn)?;
+            if fused {
+                let add = matmul::Fusion {
+                    norm: None,
+                    accumulate: true,
+                };
+                matmul::matmul_fused(step, &attn, &layer.o, &residual, add)?;
+                let ffn_norm = Some((&layer.ffn_norm, eps));
+                match (&layer.mlp, &gate_up, &act, &moe_scratch) {
+                    (Mlp::Dense { gate_up: w1, down }, Some(gu), Some(a), _) => {
+                        let f = matmul::Fusion {
+                            norm: ffn_norm,
+                            accumulate: false,
+                        };
+                        matmul::matmul_fused(step, &residual, w1, gu, f)?;
+                        activation::silu_mul(step, gu, a)?;
+                        matmul::matmul_fused(step, a, down, &residual, add)?;
+                    }
+                    (
+                        Mlp::Moe {
+                            router,
+                            experts,
+                            shape,
+                        },
+                        _,
+                        _,
+                        Some(s),
+                    ) => {
+                        let norm = (&layer.ffn_norm, eps);
+                        moe::moe_rows_normed(step, &residual, norm, router, experts, shape, s)?;
+                        moe::combine_add(step, &s.rows, &s.routing, &residual)?;
+                    }
+                    _ => return Err(missing_scratch()),
+                }
+                continue;
+            }
             matmul::matmul(step, &attn, &layer.o, &proj)?;
             rmsnorm::add_rmsnorm(step, &proj, &residual, &layer.ffn_norm, c.rms_eps, &normed)?;
             let next_norm = self
@@ -724,12 +783,11 @@ impl DecoderModel {
                         step, &s.rows, &s.routing, &residual, next_norm, c.rms_eps, &normed,
                     )?;
                 }
-                _ => {
-                    return Err(ModelError::Ops(OpsError::Gpu(
-                        "MLP scratch missing for a layer kind (config and weights disagree)".into(),
-                    )))
-                }
+                _ => return Err(missing_scratch()),
             }
+        }
+        if fused {
+            rmsnorm::rmsnorm(step, &residual, &self.final_norm, eps, &normed)?;
         }
         // The rows that need logits, gathered with the embedding kernel over the hidden states.
         let r = logit_rows.numel();

@@ -164,6 +164,7 @@ fn fused_gemv_norm_and_accumulate() {
         (8, 77, 2048, DType::F16),
         (5, 130, 64, DType::F32),
         (2, 300, 768, DType::F16),
+        (16, 200, 1024, DType::BF16),
     ]
     .into_iter()
     .enumerate()
@@ -223,7 +224,7 @@ fn fused_gemv_norm_and_accumulate() {
         u64::MAX,
     )
     .unwrap();
-    let y = ctx.empty(&[9, 8], DType::F32).unwrap();
+    let y = ctx.empty(&[17, 8], DType::F32).unwrap();
     let mut s = Step::new(ctx);
     assert!(matmul::matmul_fused(&mut s, &xt, &wt, &y, matmul::Fusion::default()).is_err());
 }

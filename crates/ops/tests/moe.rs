@@ -392,6 +392,7 @@ fn decode_layer_with_folded_norm_and_residual_add() {
         (1usize, DType::F16, 51u64),
         (3, DType::BF16, 53),
         (8, DType::F32, 55),
+        (16, DType::F16, 57),
     ] {
         let mut r = rng(seed);
         let (h, f, e) = (128, 32, 16);

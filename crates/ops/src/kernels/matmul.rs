@@ -126,7 +126,7 @@ pub struct Fusion<'a> {
 
 /// Largest M `matmul_fused` takes: each token adds a sum of squares to the GEMV's
 /// register accumulators.
-pub const FUSED_MAX_M: usize = 8;
+pub const FUSED_MAX_M: usize = 16;
 
 /// Whether `matmul_fused` runs for `m` rows of x times `w` (the GEMV path).
 pub fn fusable(m: usize, w: &Weight) -> bool {
