@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{OpsError, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConstVal {
     U32(u32),
     Bool(bool),
@@ -23,7 +23,9 @@ impl ConstVal {
     }
 }
 
-/// One compilable kernel variant.
+/// One compilable kernel variant. Equality and hashing go by name, entry point and prelude
+/// (a name stands for one source), so the pipeline cache looks a variant up without
+/// building a key.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     /// Source file name, for messages and cache keys.
@@ -98,9 +100,31 @@ impl Kernel {
     }
 }
 
+impl PartialEq for Kernel {
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name
+            && self.entry == o.entry
+            && self.consts == o.consts
+            && self.aliases == o.aliases
+            && self.coop == o.coop
+    }
+}
+
+impl Eq for Kernel {}
+
+impl std::hash::Hash for Kernel {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.name.hash(h);
+        self.entry.hash(h);
+        self.consts.hash(h);
+        self.aliases.hash(h);
+        self.coop.hash(h);
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct PipelineCache {
-    map: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    map: Mutex<HashMap<Kernel, Arc<wgpu::ComputePipeline>>>,
 }
 
 impl PipelineCache {
@@ -110,14 +134,14 @@ impl PipelineCache {
         kernel: &Kernel,
         full_checks: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = kernel.key();
         let mut map = self
             .map
             .lock()
             .map_err(|_| OpsError::Gpu("pipeline cache lock poisoned".into()))?;
-        if let Some(p) = map.get(&key) {
+        if let Some(p) = map.get(kernel) {
             return Ok(p.clone());
         }
+        let key = kernel.key();
         let source = kernel.render();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
@@ -156,7 +180,7 @@ impl PipelineCache {
             });
         }
         let pipeline = Arc::new(pipeline);
-        map.insert(key, pipeline.clone());
+        map.insert(kernel.clone(), pipeline.clone());
         Ok(pipeline)
     }
 }
