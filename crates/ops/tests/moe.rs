@@ -132,6 +132,31 @@ fn routing_breaks_ties_toward_lower_experts() {
     assert_close("tied weights", &ws, &want_ws, 1e-6);
 }
 
+#[test]
+fn single_token_routing_ties_and_nan() {
+    // The one-token path (a subgroup ranks the picks by expert): ties as the batch path,
+    // and a row of NaN logits still gives every pick its own row and tile.
+    let e = 12;
+    let mut row = vec![0.0f32; e];
+    row[7] = 2.0;
+    row[3] = 1.0;
+    row[9] = 1.0;
+    row[11] = 1.0;
+    let shape = MoeShape {
+        experts: e,
+        top_k: 3,
+        norm_topk: true,
+    };
+    let (ids, ws) = run_route(&row, &shape, 4);
+    assert_eq!(ids, vec![7, 3, 9]);
+    let (_, want_ws) = moe::cpu::route(&row, e, 3, true);
+    assert_close("tied weights, one token", &ws, &want_ws, 1e-6);
+    // NaN everywhere: picks collapse onto one clamped expert; rows stay distinct
+    // (run_route checks the grouping invariants).
+    let (ids, _) = run_route(&vec![f32::NAN; e], &shape, 4);
+    assert!(ids.iter().all(|&i| (i as usize) < e));
+}
+
 struct Experts {
     gate: Vec<f32>,
     up: Vec<f32>,

@@ -22,7 +22,7 @@ use crate::recorder::{grid, Step};
 use crate::tensor::Tensor;
 use crate::weight::Weight;
 
-const ROUTE: &str = wgsl!("moe_route.wgsl");
+const ROUTE: &str = concat!(wgsl!("moe_route.wgsl"), include_str!("wgsl/moe_topk.wgsl"));
 const GEMV: &str = concat!(
     wgsl!("moe_bindings.wgsl"),
     include_str!("wgsl/moe_gemv.wgsl")
