@@ -151,6 +151,12 @@ pub struct EngineStats {
     pub generation_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Seconds of the steps so far: the host before submitting (scheduling, batch layout,
+    /// uploads, recording), inside `queue.submit` and waiting for the GPU, and the host
+    /// after (read-back, detokenizing, stop checks, outputs).
+    pub prepare_seconds: f64,
+    pub gpu_seconds: f64,
+    pub finish_seconds: f64,
 }
 
 pub struct LLMEngine {
@@ -422,6 +428,7 @@ impl LLMEngine {
     /// Runs one step; returns the outputs of requests that progressed (cumulative), the
     /// finished ones last time they appear.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let t0 = std::time::Instant::now();
         let sched = self
             .scheduler
             .schedule(&mut self.tokens, &mut self.kv_manager);
@@ -560,7 +567,11 @@ impl LLMEngine {
             }
             (Some(logits), Some(out))
         };
+        let t1 = std::time::Instant::now();
         step.submit_and_wait()?;
+        let t2 = std::time::Instant::now();
+        self.stats.prepare_seconds += (t1 - t0).as_secs_f64();
+        self.stats.gpu_seconds += (t2 - t1).as_secs_f64();
         // Progress and prefix-cache registration for every scheduled sequence.
         for sc in &sched.seqs {
             let computed = sc.num_computed + sc.num_new;
@@ -667,6 +678,7 @@ impl LLMEngine {
             }
             outs.push(out);
         }
+        self.stats.finish_seconds += t2.elapsed().as_secs_f64();
         Ok(outs)
     }
 }

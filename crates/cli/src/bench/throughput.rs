@@ -136,14 +136,20 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         "batch", "tok/s", "scaling", "seconds"
     );
     let vocab = engine.model.cfg.vocab as u32;
-    // Warm-up: pipelines compiled, pool filled.
+    // Warm-up at every batch size: each compiles its own kernel variants (GEMVs are
+    // specialised by token count; a first compile took ~20 ms of host time per step of the
+    // first batch-16 round on the H100), and the pool fills.
     let warm = SamplingParams {
         max_tokens: Some(2),
         ..params.clone()
     };
-    run_batch_with(&mut engine, max_batch.min(8), args.prompt, &warm, vocab, 0)?;
+    for &b in &args.batch {
+        run_batch_with(&mut engine, b, args.prompt, &warm, vocab, 0)?;
+    }
     let mut base = None;
+    let mut rows = Vec::new();
     for (round, &b) in args.batch.iter().enumerate() {
+        let before = engine.stats();
         let secs = run_batch_with(
             &mut engine,
             b,
@@ -158,6 +164,19 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             "{b:>6} {tok_s:>12.1} {:>8.2}x {secs:>10.2}",
             tok_s / base_tok_s
         );
+        let after = engine.stats();
+        let steps = (after.steps - before.steps).max(1) as f64;
+        let ms = |a: f64, b: f64| 1e3 * (a - b) / steps;
+        rows.push((
+            b,
+            ms(after.prepare_seconds, before.prepare_seconds),
+            ms(after.gpu_seconds, before.gpu_seconds),
+            ms(after.finish_seconds, before.finish_seconds),
+        ));
+    }
+    println!("per engine step (ms): host before submit / submit + GPU / host after");
+    for (b, prep, gpu, fin) in rows {
+        println!("{b:>6} {prep:>8.2} {gpu:>8.2} {fin:>8.2}");
     }
     let s = engine.stats();
     println!(
