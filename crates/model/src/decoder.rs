@@ -91,6 +91,9 @@ pub struct DecoderModel {
     inv_freq: Tensor,
 }
 
+/// Layers recorded per submission of a forward (`Step::flush`).
+const FLUSH_LAYERS: usize = 8;
+
 fn missing_scratch() -> ModelError {
     ModelError::Ops(OpsError::Gpu(
         "MLP scratch missing for a layer kind (config and weights disagree)".into(),
@@ -689,6 +692,10 @@ impl DecoderModel {
             rmsnorm::rmsnorm(step, &residual, &self.layers[0].attn_norm, eps, &normed)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
+            // The GPU starts on the first layers while the host records the rest.
+            if i > 0 && i % FLUSH_LAYERS == 0 {
+                step.flush()?;
+            }
             if fused {
                 let f = matmul::Fusion {
                     norm: Some((&layer.attn_norm, eps)),

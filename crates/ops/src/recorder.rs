@@ -279,6 +279,21 @@ impl<'c> Step<'c> {
     /// command buffer (the `VLLM_METAL_FUSED_KV=0` path: KV written and complete before
     /// attention reads it).
     pub fn sync(&mut self) -> Result<()> {
+        self.submit_part()?;
+        self.ctx.wait_idle()
+    }
+
+    /// Submits what is recorded so far without waiting and goes on recording into a new
+    /// command buffer, so the GPU starts on the first part of a long step while the host
+    /// records the rest (the queue keeps the order). A profiled step stays one submission.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.profile.is_some() {
+            return Ok(());
+        }
+        self.submit_part()
+    }
+
+    fn submit_part(&mut self) -> Result<()> {
         self.pass = None;
         let enc = self
             .encoder
@@ -293,7 +308,7 @@ impl<'c> Step<'c> {
         self.ctx.queue.submit([enc.finish()]);
         let keep = std::mem::take(&mut self.keep);
         self.ctx.queue.on_submitted_work_done(move || drop(keep));
-        self.ctx.wait_idle()
+        Ok(())
     }
 
     /// Submits the step; returns without waiting.
