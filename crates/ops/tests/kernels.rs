@@ -311,6 +311,31 @@ fn copy_kernel_copies_exactly() {
 }
 
 #[test]
+fn flushed_parts_of_a_step_run_in_order() {
+    // A chain of copies cut into several submissions (Step::flush), with the scratch
+    // tensors of the early parts dropped by their owner right away: each part sees the
+    // previous one's result, and no buffer is recycled while a part still uses it.
+    let ctx = ctx();
+    let mut r = rng(6);
+    let n = 4096 + 4;
+    let v = randn(&mut r, n, 1.0);
+    let first = ctx.upload_f32(&[n], DType::F32, &v).unwrap();
+    let mut s = Step::new(ctx);
+    let mut cur = first;
+    for i in 0..6 {
+        let next = ctx.empty(&[n], DType::F32).unwrap();
+        next.poison(ctx);
+        copy::copy(&mut s, &cur, &next).unwrap();
+        if i % 2 == 1 {
+            s.flush().unwrap();
+        }
+        cur = next;
+    }
+    s.submit_and_wait().unwrap();
+    assert_eq!(cur.to_f32_vec(ctx).unwrap(), v);
+}
+
+#[test]
 fn gemv_large_vocab_split_across_chunks() {
     // 151936 x 576 f16 is 175 MB: more than one lavapipe binding, so this runs as 2 chunks.
     check_matmul(1, 151_936, 576, DType::F16, MatmulPath::Auto, u64::MAX, 20);
