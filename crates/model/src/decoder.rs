@@ -754,8 +754,7 @@ impl DecoderModel {
                         Some(s),
                     ) => {
                         let norm = (&layer.ffn_norm, eps);
-                        moe::moe_rows_normed(step, &residual, norm, router, experts, shape, s)?;
-                        moe::combine_add(step, &s.rows, &s.routing, &residual)?;
+                        moe::moe_add_normed(step, &residual, norm, router, experts, shape, s)?;
                     }
                     _ => return Err(missing_scratch()),
                 }

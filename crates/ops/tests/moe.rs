@@ -413,15 +413,17 @@ fn decode_layer_with_folded_norm_and_residual_add() {
     // residual += moe(rmsnorm(residual) * g): the router and gate/up GEMVs take the raw
     // rows and fold the norm, the combine adds into the residual (decode batches).
     let ctx = ctx();
-    for (t, dt, seed) in [
-        (1usize, DType::F16, 51u64),
-        (3, DType::BF16, 53),
-        (8, DType::F32, 55),
-        (16, DType::F16, 57),
+    // (tokens, dtype, seed, hidden, experts per weight chunk)
+    for (t, dt, seed, h, per_chunk) in [
+        (1usize, DType::F16, 51u64, 128usize, 16usize),
+        (1, DType::BF16, 59, 136, 5),
+        (3, DType::BF16, 53, 128, 16),
+        (8, DType::F32, 55, 120, 6),
+        (16, DType::F16, 57, 128, 16),
     ] {
         let mut r = rng(seed);
-        let (h, f, e) = (128, 32, 16);
-        let w = experts(e, h, f, dt, 16, seed + 1);
+        let (f, e) = (32, 16);
+        let w = experts(e, h, f, dt, per_chunk, seed + 1);
         let router = dt.round_trip(&randn(&mut r, e * h, 0.2));
         let rw = Weight::upload_f32(ctx, "router", e, h, dt, &router).unwrap();
         let shape = MoeShape {
@@ -431,17 +433,7 @@ fn decode_layer_with_folded_norm_and_residual_add() {
         };
         let x = randn(&mut r, t * h, 3.0);
         let g = randn(&mut r, h, 1.0);
-        let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
         let gt = ctx.upload_f32(&[h], DType::F32, &g).unwrap();
-        let scratch = MoeScratch::new(ctx, t, &shape, h, f, dt, None).unwrap();
-        assert!(
-            moe::fusable(&rw, &scratch),
-            "decode batch of {t} on the GEMV paths"
-        );
-        let mut s = Step::new(ctx);
-        moe::moe_rows_normed(&mut s, &xt, (&gt, 1e-6), &rw, &w.gpu, &shape, &scratch).unwrap();
-        moe::combine_add(&mut s, &scratch.rows, &scratch.routing, &xt).unwrap();
-        s.submit_and_wait().unwrap();
         let normed = vllm_apple_ops::kernels::rmsnorm::cpu::rmsnorm(&x, &g, 1e-6);
         let logits = vllm_apple_ops::kernels::matmul::cpu::matmul(&normed, &router, e, h);
         let (ids, ws) = moe::cpu::route(&logits, e, 4, true);
@@ -449,12 +441,27 @@ fn decode_layer_with_folded_norm_and_residual_add() {
         for (a, b) in want.iter_mut().zip(&x) {
             *a += b;
         }
-        assert_close(
-            &format!("folded-norm moe layer t={t} {dt}"),
-            &xt.to_f32_vec(ctx).unwrap(),
-            &want,
-            2e-4,
-        );
+        // Both ends of the layer: the down projection with the combine fused in (the
+        // default for one token) and the grouped down GEMV + combine dispatch.
+        for down_combine in [false, true] {
+            let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
+            let mut scratch = MoeScratch::new(ctx, t, &shape, h, f, dt, None).unwrap();
+            assert_eq!(scratch.down_combine, t == 1);
+            assert!(
+                moe::fusable(&rw, &scratch),
+                "decode batch of {t} on the GEMV paths"
+            );
+            scratch.down_combine = down_combine;
+            let mut s = Step::new(ctx);
+            moe::moe_add_normed(&mut s, &xt, (&gt, 1e-6), &rw, &w.gpu, &shape, &scratch).unwrap();
+            s.submit_and_wait().unwrap();
+            assert_close(
+                &format!("folded-norm moe layer t={t} {dt} down+combine {down_combine}"),
+                &xt.to_f32_vec(ctx).unwrap(),
+                &want,
+                2e-4,
+            );
+        }
     }
 }
 

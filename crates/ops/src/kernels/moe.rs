@@ -8,6 +8,9 @@
 //! 4. down GEMM over the same tiles;
 //! 5. `moe_combine`: the weighted sum of each token's k rows back in token order.
 //!
+//! A one-token decode step runs 4 and 5 as one dispatch (`moe_add_normed` with
+//! `MoeScratch::down_combine`: moe_down_combine.wgsl), added straight into the residual.
+//!
 //! Each chosen expert's weights are read once per tile (once per step when its tokens fit one
 //! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
 //! chunked by whole experts (`Weight::upload_grouped`); steps 3 and 4 run once per chunk.
@@ -28,6 +31,7 @@ const GEMV: &str = concat!(
     include_str!("wgsl/moe_gemv.wgsl")
 );
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
+const DOWN_COMBINE: &str = wgsl!("moe_down_combine.wgsl");
 const COOP_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
     include_str!("wgsl/moe_bindings.wgsl"),
@@ -227,10 +231,20 @@ impl GroupedConfig {
     }
 }
 
-fn route_kernel() -> Kernel {
+/// `vpl`: router logits each invocation of a routing subgroup holds in registers
+/// (`route_vpl`).
+fn route_kernel(vpl: u32) -> Kernel {
     Kernel::new("moe_route.wgsl", ROUTE, "moe_route")
         .u32("MAX_E", MAX_EXPERTS as u32)
         .u32("MAX_K", MAX_TOP_K as u32)
+        .u32("VPL", vpl)
+}
+
+/// Logits per invocation for `experts` on this device's smallest subgroups, rounded up to
+/// a power of two (few pipeline variants).
+fn route_vpl(ctx: &GpuContext, experts: usize) -> u32 {
+    let sg = ctx.info.subgroup_min_size.max(1) as usize;
+    experts.div_ceil(sg).next_power_of_two() as u32
 }
 
 const GEMV_WG: u32 = 128;
@@ -269,12 +283,31 @@ fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> 
         .u32("GATHER", gather as u32)
 }
 
+/// Rows per workgroup of the fused down + combine.
+const DOWN_COMBINE_RPT: u32 = 2;
+
+fn down_combine_kernel(tpr: u32, dtype: DType) -> Kernel {
+    Kernel::new("moe_down_combine.wgsl", DOWN_COMBINE, "moe_down_combine")
+        .u32("TPR", tpr)
+        .u32("PG", 256 / tpr)
+        .u32("RPT", DOWN_COMBINE_RPT)
+        .u32("W_DTYPE", dtype.float_code())
+}
+
 fn combine_kernel(accumulate: bool) -> Kernel {
     Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine").bool("ACCUM", accumulate)
 }
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
-    let mut v = vec![route_kernel(), combine_kernel(false), combine_kernel(true)];
+    let mut v = vec![
+        route_kernel(4),
+        route_kernel(16),
+        down_combine_kernel(32, DType::F16),
+        down_combine_kernel(64, DType::BF16),
+        down_combine_kernel(32, DType::F32),
+        combine_kernel(false),
+        combine_kernel(true),
+    ];
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
             let c = CoopConfig {
@@ -357,7 +390,7 @@ pub fn route_into(step: &mut Step, logits: &Tensor, shape: &MoeShape, r: &Routin
         r.tile as u32,
     ];
     step.dispatch(
-        &route_kernel(),
+        &route_kernel(route_vpl(step.ctx, shape.experts)),
         &[
             logits,
             &r.topk_ids,
@@ -380,6 +413,10 @@ pub struct MoeScratch {
     pub act: Tensor,
     /// `[T k, H]` down projection per expert-sorted row.
     pub rows: Tensor,
+    /// `moe_add_normed` runs the down projection and the combine as one dispatch
+    /// (`down_combine`); by default for a single token, whose grouped GEMV gains nothing
+    /// from expert tiles.
+    pub down_combine: bool,
 }
 
 impl MoeScratch {
@@ -400,6 +437,7 @@ impl MoeScratch {
             routing: Routing::new(ctx, tokens, shape, cfg.tile as usize)?,
             act: ctx.empty(&[pairs, ffn], DType::F32)?,
             rows: ctx.empty(&[pairs, hidden], DType::F32)?,
+            down_combine: tokens == 1,
         })
     }
 }
@@ -579,25 +617,12 @@ fn expert_rows_normed(
     shape: &MoeShape,
     s: &MoeScratch,
 ) -> Result<()> {
-    let (h, f) = (experts.hidden, experts.ffn);
-    route_into(step, &s.logits, shape, &s.routing)?;
-    grouped(
-        step,
-        x,
-        &experts.gate_up,
-        2 * f,
-        &s.routing,
-        &s.act,
-        true,
-        true,
-        s.cfg,
-        norm,
-    )?;
+    route_gate_up(step, x, norm, experts, shape, s)?;
     grouped(
         step,
         &s.act,
         &experts.down,
-        h,
+        experts.hidden,
         &s.routing,
         &s.rows,
         false,
@@ -607,19 +632,45 @@ fn expert_rows_normed(
     )
 }
 
-/// Whether `moe_rows_normed` runs for this layer and scratch: decode-sized batches, whose
+/// Routing and the gate/up GEMM (+ SiLU-mul) into `s.act`.
+fn route_gate_up(
+    step: &mut Step,
+    x: &Tensor,
+    norm: Option<(&Tensor, f32)>,
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    s: &MoeScratch,
+) -> Result<()> {
+    route_into(step, &s.logits, shape, &s.routing)?;
+    grouped(
+        step,
+        x,
+        &experts.gate_up,
+        2 * experts.ffn,
+        &s.routing,
+        &s.act,
+        true,
+        true,
+        s.cfg,
+        norm,
+    )
+}
+
+/// Whether `moe_add_normed` runs for this layer and scratch: decode-sized batches, whose
 /// router and expert GEMMs take the GEMV path.
 pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
     matches!(scratch.cfg.path, GroupedPath::Gemv { .. })
         && matmul::fusable(scratch.routing.tokens, router)
 }
 
-/// `moe_rows` on raw residual-stream rows `x`, with the layer's RMSNorm (`norm`: weight,
-/// eps) folded into the router GEMV and the gate/up GEMV (see `fusable`); together with
-/// `combine_add` the MoE layer of a decode step needs no norm or add dispatch.
-pub fn moe_rows_normed(
+/// The whole MoE layer of a decode step added into the residual stream:
+/// `residual += moe(rmsnorm(residual) * norm_w)`, with the RMSNorm (`norm`: weight, eps)
+/// folded into the router GEMV and the gate/up GEMV (see `fusable`), and the combine added
+/// into `residual` by its own dispatch or, with `scratch.down_combine`, inside the down
+/// projection. The layer needs no norm or add dispatch of its own.
+pub fn moe_add_normed(
     step: &mut Step,
-    x: &Tensor,
+    residual: &Tensor,
     norm: (&Tensor, f32),
     router: &Weight,
     experts: &ExpertWeights,
@@ -633,14 +684,69 @@ pub fn moe_rows_normed(
         ));
     }
     check_router(router, experts, shape)?;
-    expect_dtype("moe", x, DType::F32)?;
+    expect_dtype("moe", residual, DType::F32)?;
     expect_len("moe", "norm weight", norm.0, experts.hidden)?;
+    expect_len(
+        "moe",
+        "residual",
+        residual,
+        scratch.routing.tokens * experts.hidden,
+    )?;
     let f = matmul::Fusion {
         norm: Some(norm),
         accumulate: false,
     };
-    matmul::matmul_fused(step, x, router, &scratch.logits, f)?;
-    expert_rows_normed(step, x, Some(norm), experts, shape, scratch)
+    matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
+    if scratch.down_combine {
+        route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
+        return down_combine(
+            step,
+            &scratch.act,
+            &experts.down,
+            &scratch.routing,
+            residual,
+        );
+    }
+    expert_rows_normed(step, residual, Some(norm), experts, shape, scratch)?;
+    combine_add(step, &scratch.rows, &scratch.routing, residual)
+}
+
+/// `y[t] += sum_j topk_w[t, j] down_{e_j}(act[pair_pos[t, j]])`: the down projection and the
+/// combine in one dispatch per expert chunk (moe_down_combine.wgsl).
+fn down_combine(step: &mut Step, act: &Tensor, w: &Weight, r: &Routing, y: &Tensor) -> Result<()> {
+    let n = y.numel() / r.tokens;
+    let vec = if w.dtype == DType::F32 { 4 } else { 8 };
+    if !w.k.is_multiple_of(vec) || !w.n.is_multiple_of(n) {
+        return Err(shape_err(
+            "moe down + combine",
+            format!("{} weights [{}, {}] for rows of {n}", w.dtype, w.n, w.k),
+        ));
+    }
+    expect_len("moe down + combine", "act", act, r.tokens * r.top_k * w.k)?;
+    let tpr = gemv_tpr(step.ctx, w.k);
+    let kernel = down_combine_kernel(tpr, w.dtype);
+    let groups = [
+        n.div_ceil(DOWN_COMBINE_RPT as usize) as u32,
+        r.tokens as u32,
+        1,
+    ];
+    for c in &w.chunks {
+        let params = [
+            n as u32,
+            w.k as u32,
+            (c.row_start / n) as u32,
+            (c.rows / n) as u32,
+            r.top_k as u32,
+            r.tokens as u32,
+        ];
+        step.dispatch(
+            &kernel,
+            &[act, &c.tensor, y, &r.topk_ids, &r.topk_w, &r.pair_pos],
+            &params,
+            groups,
+        )?;
+    }
+    Ok(())
 }
 
 fn check_router(router: &Weight, experts: &ExpertWeights, shape: &MoeShape) -> Result<()> {
