@@ -6,10 +6,10 @@
 //! grouped expert GEMMs -> weighted combine), chosen per layer from the config.
 
 use vllm_apple_ops::kernels::attention::{
-    self, AttentionOptions, AttnInputs, AttnMetadata, AttnShape,
+    self, AttentionOptions, AttnInputs, AttnMetadata, AttnShape, RopeArgs,
 };
 use vllm_apple_ops::kernels::moe::{self, ExpertWeights, MoeScratch, MoeShape};
-use vllm_apple_ops::kernels::rope::{self, RopeShape};
+use vllm_apple_ops::kernels::rope;
 use vllm_apple_ops::kernels::{activation, bias, embedding, matmul, rmsnorm};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::weight::WeightChunk;
@@ -668,11 +668,6 @@ impl DecoderModel {
             kv_heads: hkv,
             head_dim: d,
         };
-        let rope_shape = RopeShape {
-            q_heads: hq,
-            kv_heads: hkv,
-            head_dim: d,
-        };
         let scale = 1.0 / (d as f32).sqrt();
         // Decode-sized batches fold every RMSNorm into the GEMV that reads it and every
         // residual add into the GEMV (or MoE combine) that produces it: a layer then has no
@@ -708,16 +703,12 @@ impl DecoderModel {
             if let Some(b) = &layer.qkv_bias {
                 bias::add_bias(step, &qkv, b)?;
             }
-            let qk = layer.qk_norm.as_ref().map(|(q, k)| (q, k));
-            rope::rope(
-                step,
-                &qkv,
-                &meta.positions,
-                &self.inv_freq,
-                qk,
-                c.rms_eps,
-                rope_shape,
-            )?;
+            let rope = RopeArgs {
+                positions: &meta.positions,
+                inv_freq: &self.inv_freq,
+                qk_norm: layer.qk_norm.as_ref().map(|(q, k)| (q, k)),
+                eps: c.rms_eps,
+            };
             let inputs = AttnInputs {
                 qkv: &qkv,
                 meta,
@@ -725,7 +716,7 @@ impl DecoderModel {
                 shape,
                 scale,
             };
-            attention::attention(step, opts, &inputs, &attn)?;
+            attention::attention_rope(step, opts, &inputs, &rope, &attn)?;
             if fused {
                 let add = matmul::Fusion {
                     norm: None,

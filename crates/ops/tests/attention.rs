@@ -9,8 +9,9 @@ use common::*;
 
 use rand::seq::SliceRandom;
 use vllm_apple_ops::kernels::attention::{
-    self, AttentionOptions, AttnInputs, AttnShape, HostMetadata, SeqSlice,
+    self, AttentionOptions, AttnInputs, AttnShape, HostMetadata, RopeArgs, SeqSlice,
 };
+use vllm_apple_ops::kernels::rope::{self, RopeShape};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
 use vllm_apple_ops::{DType, Step};
 
@@ -27,6 +28,9 @@ struct Case {
     seqs: Vec<(usize, usize)>,
     pad: usize,
     seed: u64,
+    /// q and k arrive unrotated and `attention_rope` applies the rotary embedding, with
+    /// Qwen3's q/k norm when `Some(true)`.
+    rope: Option<bool>,
 }
 
 fn all_options() -> Vec<AttentionOptions> {
@@ -40,6 +44,11 @@ fn all_options() -> Vec<AttentionOptions> {
             });
         }
     }
+    // The rope dispatch kept apart from the attention dispatch (with `attention_rope`).
+    v.push(AttentionOptions {
+        fused_rope: false,
+        ..Default::default()
+    });
     // Split-K forced on short contexts, and forced off.
     v.push(AttentionOptions {
         partition: Some(64),
@@ -126,7 +135,24 @@ fn run(case: &Case, options: &[AttentionOptions]) {
     let n_real: usize = case.seqs.iter().map(|(_, n)| n).sum();
     let meta = HostMetadata::build(&step_seqs, bs, n_real + case.pad).unwrap();
     let t = meta.positions.len();
-    let qkv = randn(&mut r, t * row, 1.0);
+    let raw = randn(&mut r, t * row, 1.0);
+    // With rope: the rotated rows the cache and the reference see, and the tables.
+    let d = s.head_dim;
+    let inv_freq = rope::inv_freq(d, 1e6, None);
+    let norms = (randn(&mut r, d, 0.5), randn(&mut r, d, 0.5));
+    let qk_norm = case
+        .rope
+        .filter(|n| *n)
+        .map(|_| (&norms.0[..], &norms.1[..]));
+    let mut qkv = raw.clone();
+    if case.rope.is_some() {
+        let shape = RopeShape {
+            q_heads: s.q_heads,
+            kv_heads: s.kv_heads,
+            head_dim: d,
+        };
+        rope::cpu::rope(&mut qkv, &meta.positions, &inv_freq, qk_norm, 1e-6, shape);
+    }
 
     let mut first: Option<(Vec<f32>, f64)> = None;
     for opts in options {
@@ -159,7 +185,8 @@ fn run(case: &Case, options: &[AttentionOptions]) {
             attention::write_kv(&mut st, &a).unwrap();
             st.submit_and_wait().unwrap();
         }
-        let qkv_t = ctx.upload_f32(&[t, row], DType::F32, &qkv).unwrap();
+        let uploaded = if case.rope.is_some() { &raw } else { &qkv };
+        let qkv_t = ctx.upload_f32(&[t, row], DType::F32, uploaded).unwrap();
         let out = ctx.empty(&[t, s.q_heads * s.head_dim], DType::F32).unwrap();
         out.poison(ctx);
         let mut st = Step::new(ctx);
@@ -170,14 +197,29 @@ fn run(case: &Case, options: &[AttentionOptions]) {
             shape: s,
             scale,
         };
-        attention::attention(&mut st, opts, &a, &out).unwrap();
+        let positions = ctx.upload_u32(&[t], &meta.positions).unwrap();
+        let freq = ctx.upload_f32(&[d / 2], DType::F32, &inv_freq).unwrap();
+        let qn = ctx.upload_f32(&[d], DType::F32, &norms.0).unwrap();
+        let kn = ctx.upload_f32(&[d], DType::F32, &norms.1).unwrap();
+        match case.rope {
+            None => attention::attention(&mut st, opts, &a, &out).unwrap(),
+            Some(norm) => {
+                let rope = RopeArgs {
+                    positions: &positions,
+                    inv_freq: &freq,
+                    qk_norm: norm.then_some((&qn, &kn)),
+                    eps: 1e-6,
+                };
+                attention::attention_rope(&mut st, opts, &a, &rope, &out).unwrap()
+            }
+        }
         st.submit_and_wait().unwrap();
         let got = out.to_f32_vec(ctx).unwrap();
 
-        // The cache holds exactly the f16 K/V of every real token at its slot.
+        // The cache holds exactly the f16 K/V of every real token at its slot (K within
+        // an f16 rounding step where the GPU rotated it in f32 and the reference in f64).
         let kc = layer.k.to_f32_vec(ctx).unwrap();
         let vc = layer.v.to_f32_vec(ctx).unwrap();
-        let d = s.head_dim;
         for (tok, &slot) in meta.slot_mapping.iter().enumerate() {
             if slot < 0 {
                 continue;
@@ -187,11 +229,17 @@ fn run(case: &Case, options: &[AttentionOptions]) {
                 let at = ((blk * s.kv_heads + h) * bs + off) * d;
                 let k_src = &qkv[tok * row + (s.q_heads + h) * d..][..d];
                 let v_src = &qkv[tok * row + (s.q_heads + s.kv_heads + h) * d..][..d];
-                assert_eq!(
-                    &kc[at..at + d],
-                    &DType::F16.round_trip(k_src)[..],
-                    "K of token {tok} head {h}"
-                );
+                let k_want = DType::F16.round_trip(k_src);
+                if case.rope.is_some() {
+                    for (i, (g, w)) in kc[at..at + d].iter().zip(&k_want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                            "K of token {tok} head {h} dim {i}: {g} vs {w}"
+                        );
+                    }
+                } else {
+                    assert_eq!(&kc[at..at + d], &k_want[..], "K of token {tok} head {h}");
+                }
                 assert_eq!(
                     &vc[at..at + d],
                     &DType::F16.round_trip(v_src)[..],
@@ -240,9 +288,54 @@ fn decode_batch_gqa8_head128_across_block_boundaries() {
             seqs: vec![(0, 1), (14, 1), (15, 1), (16, 1), (299, 1)],
             pad: 2,
             seed: 1,
+            rope: None,
         },
         &all_options(),
     );
+}
+
+#[test]
+fn decode_with_rope_and_qk_norm_in_the_attention_dispatch() {
+    // Qwen3's decode: the matrix kernel with the KV write fused norms and rotates q and k
+    // itself; every other option runs the rope dispatch first. Split and single pass.
+    run(
+        &Case {
+            shape: AttnShape {
+                q_heads: 32,
+                kv_heads: 4,
+                head_dim: 128,
+            },
+            block_size: 16,
+            seqs: vec![(0, 1), (15, 1), (16, 1), (700, 1)],
+            pad: 1,
+            seed: 7,
+            rope: Some(true),
+        },
+        &all_options(),
+    );
+}
+
+#[test]
+fn rope_without_qk_norm_head64_mixed_batch() {
+    // Llama's rope (no q/k norm); a prefill chunk in the batch takes the rope dispatch.
+    let decode = vec![(3, 1), (130, 1)];
+    for (seqs, seed) in [(decode.clone(), 8), ([decode, vec![(5, 9)]].concat(), 9)] {
+        run(
+            &Case {
+                shape: AttnShape {
+                    q_heads: 8,
+                    kv_heads: 2,
+                    head_dim: 64,
+                },
+                block_size: 16,
+                seqs,
+                pad: 0,
+                seed,
+                rope: Some(false),
+            },
+            &all_options(),
+        );
+    }
 }
 
 #[test]
@@ -258,6 +351,7 @@ fn mixed_prefill_chunks_and_decodes_gqa4_head64() {
             seqs: vec![(0, 37), (20, 13), (50, 1), (33, 2)],
             pad: 3,
             seed: 2,
+            rope: None,
         },
         &all_options(),
     );
@@ -276,6 +370,7 @@ fn mha_head96_small_blocks() {
             seqs: vec![(5, 3), (0, 1), (130, 1)],
             pad: 0,
             seed: 3,
+            rope: None,
         },
         &all_options(),
     );
@@ -294,6 +389,7 @@ fn gqa16_head256_with_prefill_at_offset() {
             seqs: vec![(100, 1), (7, 20)],
             pad: 1,
             seed: 4,
+            rope: None,
         },
         &all_options(),
     );
@@ -321,6 +417,7 @@ fn long_context_decode_split_and_single_pass_agree() {
             seqs: vec![(2047, 1), (1000, 1)],
             pad: 0,
             seed: 5,
+            rope: None,
         },
         &[split, single, reference],
     );
@@ -339,6 +436,7 @@ fn prefill_of_2048_tokens() {
             seqs: vec![(0, 2048)],
             pad: 0,
             seed: 6,
+            rope: None,
         },
         &[AttentionOptions::default()],
     );

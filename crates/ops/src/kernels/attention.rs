@@ -2,6 +2,7 @@
 //! and decode tokens (single pass, or split-K with a reduce pass for long contexts), and
 //! the plain reference path selected by `VLLM_METAL_ATTENTION=0`.
 
+use super::rope::{self, RopeShape};
 use super::{expect_dtype, expect_len, softmax, wgsl};
 use crate::dtype::DType;
 use crate::error::{shape_err, OpsError, Result};
@@ -68,7 +69,9 @@ impl AttnShape {
 /// write submitted and completed first). `partition` overrides the split-K choice;
 /// `matrices` the choice of the paged kernel (None: on cooperative matrices for decode
 /// batches where the device offers them, Some(false): the scalar kernel, Some(true):
-/// matrices or an error); `chunk` the matrix kernel's positions per chunk (64, 128 or 256).
+/// matrices or an error); `chunk` the matrix kernel's positions per chunk (64, 128 or 256);
+/// `fused_rope` lets a decode batch on the matrix kernel apply the rotary embedding (and
+/// q/k norm) inside the attention dispatch (`attention_rope`; off with `VLLM_METAL_FUSED_KV=0`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionOptions {
     pub paged: bool,
@@ -76,6 +79,7 @@ pub struct AttentionOptions {
     pub partition: Option<usize>,
     pub matrices: Option<bool>,
     pub chunk: Option<u32>,
+    pub fused_rope: bool,
 }
 
 impl Default for AttentionOptions {
@@ -86,6 +90,7 @@ impl Default for AttentionOptions {
             partition: None,
             matrices: None,
             chunk: None,
+            fused_rope: true,
         }
     }
 }
@@ -109,12 +114,14 @@ fn env_flag(name: &str, default: bool) -> Result<bool> {
 
 impl AttentionOptions {
     pub fn from_env() -> Result<Self> {
+        let fused_kv = env_flag("VLLM_METAL_FUSED_KV", true)?;
         Ok(AttentionOptions {
             paged: env_flag("VLLM_METAL_ATTENTION", true)?,
-            fused_kv: env_flag("VLLM_METAL_FUSED_KV", true)?,
+            fused_kv,
             partition: None,
             matrices: None,
             chunk: None,
+            fused_rope: fused_kv,
         })
     }
 }
@@ -327,7 +334,8 @@ fn paged_kernel(s: AttnShape, split: bool) -> Kernel {
         .bool("SPLIT", split)
 }
 
-fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32) -> Kernel {
+/// `rope`: None, or Some(q/k norm) where the kernel also applies the rotary embedding.
+fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32, rope: Option<bool>) -> Kernel {
     Kernel::new(
         "paged_attention_coop.wgsl",
         PAGED_COOP,
@@ -339,6 +347,8 @@ fn coop_kernel(s: AttnShape, split: bool, frag: u32, chunk: u32) -> Kernel {
     .u32("S", frag)
     .u32("CH", chunk)
     .u32("NSG", coop_subgroups(frag, chunk))
+    .bool("ROPE", rope.is_some())
+    .bool("QK_NORM", rope == Some(true))
     .alias("CA", format!("coop_mat{frag}x{frag}<f16, A>"))
     .alias("CB", format!("coop_mat{frag}x{frag}<f16, B>"))
     .alias("CC", format!("coop_mat{frag}x{frag}<f32, C>"))
@@ -452,8 +462,10 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         v.push(paged_kernel(s, true));
         v.push(reduce_kernel(s));
         for frag in coop_sizes.iter().filter(|&&f| coop_shape_ok(s, f as usize)) {
-            v.push(coop_kernel(s, false, *frag, COOP_CHUNK));
-            v.push(coop_kernel(s, true, *frag, 256));
+            v.push(coop_kernel(s, false, *frag, COOP_CHUNK, None));
+            v.push(coop_kernel(s, true, *frag, 256, None));
+            v.push(coop_kernel(s, false, *frag, COOP_CHUNK, Some(true)));
+            v.push(coop_kernel(s, true, *frag, COOP_CHUNK, Some(false)));
         }
     }
     for e in ["gather_kv", "naive_scores", "naive_av"] {
@@ -501,7 +513,7 @@ pub fn attend(
     a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
-    attend_writing(step, opts, a, out, false)
+    attend_writing(step, opts, a, out, false, None)
 }
 
 /// Whether the attention dispatch itself writes the batch's new K/V (fused decode): a
@@ -515,12 +527,14 @@ fn writes_kv(step: &Step, opts: &AttentionOptions, a: &AttnInputs) -> Result<boo
 
 /// `attend`; with `write_kv` (only where `writes_kv`) the matrix kernel also writes each
 /// token's K/V into the cache first.
+/// With `rope` (only with `write_kv`) the kernel also norms and rotates q and k.
 fn attend_writing(
     step: &mut Step,
     opts: &AttentionOptions,
     a: &AttnInputs,
     out: &Tensor,
     write_kv: bool,
+    rope: Option<&RopeArgs>,
 ) -> Result<()> {
     check_inputs(a)?;
     let (qkv, meta, cache, s, scale) = (a.qkv, a.meta, a.cache, a.shape, a.scale);
@@ -552,8 +566,9 @@ fn attend_writing(
     ];
     let groups = grid(step.ctx, t * s.kv_heads * splits);
     let chunk = opts.chunk.unwrap_or(COOP_CHUNK);
+    let rope_kind = rope.map(|r| r.qk_norm.is_some());
     let kernel = |split| match frag {
-        Some(f) => coop_kernel(s, split, f, chunk),
+        Some(f) => coop_kernel(s, split, f, chunk, rope_kind),
         None => paged_kernel(s, split),
     };
     let inputs = [
@@ -567,12 +582,15 @@ fn attend_writing(
     // The matrix kernel also takes the slots and the write flag.
     let mut params = params.to_vec();
     let mut tail: Vec<&Tensor> = Vec::new();
+    let dummy = step.ctx.dummy()?.clone();
     if frag.is_some() {
         params.push(write_kv as u32);
+        params.push(rope.map_or(0.0, |r| r.eps).to_bits());
         tail.push(&meta.slot_mapping);
+        let (qn, kn) = rope.and_then(|r| r.qk_norm).unwrap_or((&dummy, &dummy));
+        tail.extend([rope.map_or(&dummy, |r| r.inv_freq), qn, kn]);
     }
     if splits == 1 {
-        let dummy = step.ctx.dummy()?.clone();
         let b: Vec<&Tensor> = inputs
             .iter()
             .copied()
@@ -676,13 +694,64 @@ pub fn attention(
     out: &Tensor,
 ) -> Result<()> {
     if writes_kv(step, opts, a)? {
-        return attend_writing(step, opts, a, out, true);
+        return attend_writing(step, opts, a, out, true, None);
     }
     write_kv(step, a)?;
     if !opts.fused_kv {
         step.sync()?;
     }
     attend(step, opts, a, out)
+}
+
+/// The rotary embedding a layer applies to q and k before attention (`rope::rope`'s
+/// arguments but the QKV rows and the shape, which come from `AttnInputs`).
+#[derive(Clone, Copy)]
+pub struct RopeArgs<'a> {
+    pub positions: &'a Tensor,
+    pub inv_freq: &'a Tensor,
+    /// Qwen3's per-head RMSNorm weights (q, k), `[head_dim]` each.
+    pub qk_norm: Option<(&'a Tensor, &'a Tensor)>,
+    pub eps: f32,
+}
+
+/// `rope::rope` on `a.qkv` then `attention`, as one step: a decode batch that `attention`
+/// runs on the matrix kernel with its KV write fused (and `opts.fused_rope`) norms and
+/// rotates q and k inside that same dispatch, so the layer has no rope dispatch; any other
+/// batch gets the rope dispatch first. `a.qkv` holds q and k unrotated.
+pub fn attention_rope(
+    step: &mut Step,
+    opts: &AttentionOptions,
+    a: &AttnInputs,
+    rope: &RopeArgs,
+    out: &Tensor,
+) -> Result<()> {
+    let s = a.shape;
+    let d = s.head_dim;
+    expect_dtype("attention", rope.inv_freq, DType::F32)?;
+    expect_len("attention", "inv_freq", rope.inv_freq, d / 2)?;
+    if let Some((q, k)) = rope.qk_norm {
+        expect_len("attention", "q_norm", q, d)?;
+        expect_len("attention", "k_norm", k, d)?;
+    }
+    if opts.fused_rope && writes_kv(step, opts, a)? {
+        check_inputs(a)?;
+        return attend_writing(step, opts, a, out, true, Some(rope));
+    }
+    let shape = RopeShape {
+        q_heads: s.q_heads,
+        kv_heads: s.kv_heads,
+        head_dim: d,
+    };
+    rope::rope(
+        step,
+        a.qkv,
+        rope.positions,
+        rope.inv_freq,
+        rope.qk_norm,
+        rope.eps,
+        shape,
+    )?;
+    attention(step, opts, a, out)
 }
 
 pub mod cpu {

@@ -18,7 +18,11 @@
 // and block_size % S == 0 (the launcher checks). Matrices live in named variables (in arrays the driver spills
 // them), and no branch around a matrix operation depends on the subgroup: subgroups whose
 // fragment is past the context, or past D, redo a valid one and their result is unused.
-// Prelude: G, D, SPLIT, S, CH, NSG; aliases CA, CB, CC.
+// ROPE (decode batches, write_kv = 1): q and k arrive as the QKV projection left them; the
+// kernel applies Qwen3's per-head RMSNorm (QK_NORM) and the rotary embedding at the token's
+// position (n_ctx - 1) to the queries it stages and to the K it writes, as rope.wgsl does,
+// so a decode step needs no rope dispatch.
+// Prelude: G, D, SPLIT, S, CH, NSG, ROPE, QK_NORM; aliases CA, CB, CC.
 struct Params {
     t: u32,
     hq: u32,
@@ -30,6 +34,8 @@ struct Params {
     splits: u32,
     // 1: decode batch whose new K/V this dispatch writes (see write_new_kv).
     write_kv: u32,
+    // RMSNorm epsilon of QK_NORM.
+    eps: f32,
 }
 var<immediate> p: Params;
 
@@ -42,6 +48,10 @@ var<immediate> p: Params;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>;
 @group(0) @binding(8) var<storage, read> slots: array<i32>;
+// ROPE: inverse frequencies [D / 2] and the q / k norm weights [D] (QK_NORM).
+@group(0) @binding(9) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(10) var<storage, read> q_norm: array<f32>;
+@group(0) @binding(11) var<storage, read> k_norm: array<f32>;
 
 const WG: u32 = 32u * NSG;
 // Heads padded to one fragment; fragments per row (dims); position fragments per subgroup.
@@ -54,6 +64,39 @@ const NF: u32 = (KF + NSG - 1u) / NSG;
 const HPS: u32 = (G + NSG - 1u) / NSG;
 const OPT: u32 = (G * D + WG - 1u) / WG;
 const NEG_INF: f32 = -3.4e38;
+const HALF_D: u32 = D / 2u;
+
+// ROPE: 1 / rms of one head's raw q or k row (1 without QK_NORM), by one subgroup.
+fn head_rstd(base: u32, lane: u32) -> f32 {
+    if !QK_NORM {
+        return 1.0;
+    }
+    var ss = 0.0;
+    for (var i = lane; i < D; i += 32u) {
+        let x = qkv[base + i];
+        ss += x * x;
+    }
+    return inverseSqrt(subgroupAdd(ss) / f32(D) + p.eps);
+}
+
+// ROPE: the normed and rotated pair (i, i + D / 2) of the head row at `base`.
+fn rotate(base: u32, i: u32, rstd: f32, pos: f32, is_q: bool) -> vec2<f32> {
+    var x1 = qkv[base + i] * rstd;
+    var x2 = qkv[base + i + HALF_D] * rstd;
+    if QK_NORM {
+        if is_q {
+            x1 *= q_norm[i];
+            x2 *= q_norm[i + HALF_D];
+        } else {
+            x1 *= k_norm[i];
+            x2 *= k_norm[i + HALF_D];
+        }
+    }
+    let angle = pos * inv_freq[i];
+    let c = cos(angle);
+    let s = sin(angle);
+    return vec2<f32>(x1 * c - x2 * s, x2 * c + x1 * s);
+}
 
 // Up to 8 query fragments live in registers (named q0 .. q7), staged once through ph;
 // more stay in workgroup memory (qh). Workgroup memory bounds this kernel's occupancy,
@@ -112,20 +155,55 @@ fn paged_attention_coop(@builtin(workgroup_id) wg: vec3<u32>,
         let dst = ((slot / p.bs * p.hkv + h) * p.bs + slot % p.bs) * D;
         let src = t * (p.hq + 2u * p.hkv) * D + (p.hq + h) * D;
         for (var i = li; i < D; i += WG) {
-            k_cache[dst + i] = f16(qkv[src + i]);
+            if !ROPE {
+                k_cache[dst + i] = f16(qkv[src + i]);
+            }
             v_cache[dst + i] = f16(qkv[src + p.hkv * D + i]);
+        }
+        if ROPE && sg == 0u {
+            let rstd = head_rstd(src, lane);
+            for (var i = lane; i < HALF_D; i += 32u) {
+                let k = rotate(src, i, rstd, f32(n_ctx - 1u), false);
+                k_cache[dst + i] = f16(k.x);
+                k_cache[dst + i + HALF_D] = f16(k.y);
+            }
         }
     }
     storageBarrier();
-    for (var i = li; i < HP * D; i += WG) {
-        var v = 0.0;
-        if i < G * D {
-            v = qkv[qrow + i] * p.scale;
+    if ROPE {
+        // A subgroup per query head (pad heads zero), normed and rotated at the token's
+        // position.
+        let pos = f32(max(n_ctx, 1u) - 1u);
+        for (var g = sg; g < HP; g += NSG) {
+            var rstd = 0.0;
+            if g < G {
+                rstd = head_rstd(qrow + g * D, lane);
+            }
+            for (var i = lane; i < HALF_D; i += 32u) {
+                var q = vec2<f32>(0.0);
+                if g < G {
+                    q = rotate(qrow + g * D, i, rstd, pos, true) * p.scale;
+                }
+                if QREG {
+                    ph[g * D + i] = f16(q.x);
+                    ph[g * D + i + HALF_D] = f16(q.y);
+                } else {
+                    qh[g * D + i] = f16(q.x);
+                    qh[g * D + i + HALF_D] = f16(q.y);
+                }
+            }
         }
-        if QREG {
-            ph[i] = f16(v);
-        } else {
-            qh[i] = f16(v);
+    } else {
+        for (var i = li; i < HP * D; i += WG) {
+            var v = 0.0;
+            if i < G * D {
+                v = qkv[qrow + i] * p.scale;
+            }
+            if QREG {
+                ph[i] = f16(v);
+            } else {
+                qh[i] = f16(v);
+            }
         }
     }
     var q0 = CB();
