@@ -100,6 +100,10 @@ fn one_step(
     Ok(dist.sample(rng) as u32)
 }
 
+/// A pipelined decode submits each step whole once the host waits this long for the
+/// previous step's token (the GPU is the bound).
+const HOLD_WAIT_SECONDS: f64 = 200e-6;
+
 /// Greedy decode with step N + 1 recorded and submitted before step N's id is read back:
 /// the next step's input is step N's argmax, still on the GPU, so host recording overlaps
 /// the GPU's work (vLLM's async scheduling, for one sequence). When a stop token comes
@@ -128,9 +132,13 @@ fn greedy_pipelined(
     let readbacks = [Readback::new(ctx, 4), Readback::new(ctx, 4)];
     // Records the decode step of the token at `position` (its id in `input`), copying its
     // id into `rb`.
+    // `hold`: the step goes in one submission (`Step::hold_parts`), chosen while the host
+    // waits on the GPU's read-back, i.e. it records a step before the previous one is done
+    // and an early partial submit would only cost the GPU a submission boundary.
     let launch = |input: &Tensor,
                   position: usize,
                   rb: usize,
+                  hold: bool,
                   host: &mut HostTimes|
      -> Result<_, ModelError> {
         let t0 = Instant::now();
@@ -142,6 +150,9 @@ fn greedy_pipelined(
         let meta = HostMetadata::build(&[seq], BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
         let out = ctx.empty(&[1], DType::U32)?;
         let mut step = Step::new(ctx);
+        if hold {
+            step.hold_parts();
+        }
         let logits = model.forward(&mut step, input, &meta, kv, &last, opts)?;
         argmax::argmax(&mut step, &logits, &out)?;
         step.readback_into(&out, &readbacks[rb])?;
@@ -152,17 +163,26 @@ fn greedy_pipelined(
         Ok((out, rb, idx))
     };
     let first_t = ctx.upload_u32(&[1], &[first])?;
-    let mut in_flight = launch(&first_t, prompt_len, 0, host)?;
+    let mut in_flight = launch(&first_t, prompt_len, 0, false, host)?;
     let mut submitted = 2; // tokens produced or in flight
+    let mut hold = false;
     loop {
         let (out, rb, idx) = in_flight;
         let ahead = if submitted < max_tokens {
             submitted += 1;
-            Some(launch(&out, prompt_len + submitted - 2, 1 - rb, host)?)
+            Some(launch(
+                &out,
+                prompt_len + submitted - 2,
+                1 - rb,
+                hold,
+                host,
+            )?)
         } else {
             None
         };
+        let t_wait = Instant::now();
         let bytes = readbacks[rb].read(ctx, idx)?;
+        hold = t_wait.elapsed().as_secs_f64() > HOLD_WAIT_SECONDS;
         let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         ids.push(id);
         match ahead {

@@ -18,6 +18,8 @@ pub struct Step<'c> {
     dispatches: usize,
     keep: Vec<Tensor>,
     profile: Option<Profile>,
+    /// `flush` submits (false: the step stays one submission; see `hold_parts`).
+    flushes: bool,
 }
 
 /// Per-dispatch GPU timestamps of a profiled step.
@@ -67,7 +69,15 @@ impl<'c> Step<'c> {
             dispatches: 0,
             keep: Vec::new(),
             profile: None,
+            flushes: true,
         }
+    }
+
+    /// Makes `flush` a no-op: the step is submitted whole. For a caller that records this
+    /// step while the GPU still runs the previous one (a pipelined decode), where the
+    /// early start buys nothing and every extra submission costs GPU time between parts.
+    pub fn hold_parts(&mut self) {
+        self.flushes = false;
     }
 
     /// A step that writes a GPU timestamp after each of its first `capacity` dispatches, for
@@ -287,7 +297,7 @@ impl<'c> Step<'c> {
     /// command buffer, so the GPU starts on the first part of a long step while the host
     /// records the rest (the queue keeps the order). A profiled step stays one submission.
     pub fn flush(&mut self) -> Result<()> {
-        if self.profile.is_some() {
+        if self.profile.is_some() || !self.flushes {
             return Ok(());
         }
         self.submit_part()

@@ -37,6 +37,16 @@ pub struct Args {
     /// kernels by total time.
     #[arg(long)]
     profile: bool,
+    /// Keep the rope dispatch apart from the attention dispatch in decode steps (the
+    /// unfused baseline of `AttentionOptions::fused_rope`).
+    #[arg(long)]
+    unfused_rope: bool,
+    /// Positions per split-K partition of decode attention (default: the planner's).
+    #[arg(long)]
+    attn_partition: Option<usize>,
+    /// Positions per chunk of the matrix attention kernel: 64, 128 or 256.
+    #[arg(long)]
+    attn_chunk: Option<u32>,
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
@@ -70,7 +80,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let prompt: Vec<u32> = (0..args.prompt)
         .map(|i| ((i * 7919 + 13) % model.cfg.vocab) as u32)
         .collect();
-    let attn = AttentionOptions::from_env()?;
+    let mut attn = AttentionOptions::from_env()?;
+    attn.fused_rope &= !args.unfused_rope;
+    attn.partition = args.attn_partition;
+    attn.chunk = args.attn_chunk;
     // Warm-up (pipelines, pool), then the measured run.
     generate(&ctx, &model, &prompt, 2, &[], &attn, Sampling::greedy())?;
     let out = generate(

@@ -587,8 +587,11 @@ fn attend_writing(
         params.push(write_kv as u32);
         params.push(rope.map_or(0.0, |r| r.eps).to_bits());
         tail.push(&meta.slot_mapping);
-        let (qn, kn) = rope.and_then(|r| r.qk_norm).unwrap_or((&dummy, &dummy));
-        tail.extend([rope.map_or(&dummy, |r| r.inv_freq), qn, kn]);
+        // Unused rope tables take a read-only buffer of this dispatch (the dummy may be
+        // bound read-write above).
+        let unused = &meta.seq_of;
+        let (qn, kn) = rope.and_then(|r| r.qk_norm).unwrap_or((unused, unused));
+        tail.extend([rope.map_or(unused, |r| r.inv_freq), qn, kn]);
     }
     if splits == 1 {
         let b: Vec<&Tensor> = inputs
