@@ -9,9 +9,7 @@
 //! 5. `moe_combine`: the weighted sum of each token's k rows back in token order.
 //!
 //! A one-token decode step runs 4 and 5 as one dispatch (`moe_add_normed` with
-//! `MoeScratch::down_combine`: moe_down_combine.wgsl), added straight into the residual,
-//! and 2 inside 3 (`MoeScratch::inline_route`: each gate/up workgroup takes its pick from
-//! the router logits itself).
+//! `MoeScratch::down_combine`: moe_down_combine.wgsl), added straight into the residual.
 //!
 //! Each chosen expert's weights are read once per tile (once per step when its tokens fit one
 //! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
@@ -30,7 +28,6 @@ use crate::weight::Weight;
 const ROUTE: &str = concat!(wgsl!("moe_route.wgsl"), include_str!("wgsl/moe_topk.wgsl"));
 const GEMV: &str = concat!(
     wgsl!("moe_bindings.wgsl"),
-    include_str!("wgsl/moe_topk.wgsl"),
     include_str!("wgsl/moe_gemv.wgsl")
 );
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
@@ -251,48 +248,28 @@ fn route_vpl(ctx: &GpuContext, experts: usize) -> u32 {
 }
 
 const GEMV_WG: u32 = 128;
+const GEMV_RPT: u32 = 2;
 
-/// Invocations per weight row and rows per row group of the grouped GEMV: a subgroup per
-/// row for short rows (as the dense GEMV, matmul::SHORT_ROW) and for one token (where it
-/// measured 1.5% faster per decode step on the H100 than 64), else 64; two rows per group,
-/// four for one token.
-fn gemv_split(ctx: &GpuContext, k: usize, tokens: usize) -> (u32, u32) {
-    let sub32 = ctx.info.subgroup_max_size <= 32;
-    if k <= matmul::SHORT_ROW && sub32 {
-        (32, 2)
-    } else if tokens == 1 && sub32 {
-        (32, ONE_TOKEN_RPT)
+/// Invocations per weight row of the grouped GEMV: a subgroup for short rows (as the
+/// dense GEMV, matmul::SHORT_ROW), else 64.
+fn gemv_tpr(ctx: &GpuContext, k: usize) -> u32 {
+    if k <= matmul::SHORT_ROW && ctx.info.subgroup_max_size <= 32 {
+        32
     } else {
-        (64, 2)
+        64
     }
 }
 
-const ONE_TOKEN_RPT: u32 = 4;
-
-/// `route`: Some(logits per invocation, `route_vpl`) where the GEMV routes one token itself.
-#[allow(clippy::too_many_arguments)]
-fn gemv_kernel(
-    mt: u32,
-    tpr: u32,
-    rpt: u32,
-    dtype: DType,
-    act: bool,
-    gather: bool,
-    norm: bool,
-    route: Option<u32>,
-) -> Kernel {
+fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: bool) -> Kernel {
     Kernel::new("moe_gemv.wgsl", GEMV, "moe_gemv")
         .u32("MT", mt)
         .u32("WG", GEMV_WG)
         .u32("TPR", tpr)
-        .u32("RPT", rpt)
+        .u32("RPT", GEMV_RPT)
         .u32("W_DTYPE", dtype.float_code())
         .u32("ACT", act as u32)
         .u32("GATHER", gather as u32)
         .bool("NORM", norm)
-        .bool("ROUTE", route.is_some())
-        .u32("MAX_K", MAX_TOP_K as u32)
-        .u32("VPL", route.unwrap_or(1))
 }
 
 fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> Kernel {
@@ -348,10 +325,9 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         (4, DType::BF16, false),
         (2, DType::F32, true),
     ] {
-        v.push(gemv_kernel(mt, 64, 2, dt, act, act, false, None));
-        v.push(gemv_kernel(mt, 32, 2, dt, act, act, false, None));
-        v.push(gemv_kernel(mt, 32, 2, dt, act, act, true, None));
-        v.push(gemv_kernel(mt, 32, 4, dt, act, act, true, Some(4)));
+        v.push(gemv_kernel(mt, 64, dt, act, act, false));
+        v.push(gemv_kernel(mt, 32, dt, act, act, false));
+        v.push(gemv_kernel(mt, 32, dt, act, act, true));
     }
     v
 }
@@ -441,9 +417,6 @@ pub struct MoeScratch {
     /// (`down_combine`); by default for a single token, whose grouped GEMV gains nothing
     /// from expert tiles.
     pub down_combine: bool,
-    /// With `down_combine`, for one token: the gate/up GEMV routes the token itself (no
-    /// routing dispatch). On by default for one token.
-    pub inline_route: bool,
 }
 
 impl MoeScratch {
@@ -465,7 +438,6 @@ impl MoeScratch {
             act: ctx.empty(&[pairs, ffn], DType::F32)?,
             rows: ctx.empty(&[pairs, hidden], DType::F32)?,
             down_combine: tokens == 1,
-            inline_route: tokens == 1,
         })
     }
 }
@@ -483,7 +455,6 @@ fn grouped(
     gather: bool,
     cfg: GroupedConfig,
     norm: Option<(&Tensor, f32)>,
-    route: Option<(&Tensor, &MoeShape)>,
 ) -> Result<()> {
     let vec = if w.dtype == DType::F32 { 4 } else { 8 };
     if !w.k.is_multiple_of(vec) {
@@ -497,31 +468,18 @@ fn grouped(
     }
     let (kernel, groups_x) = match cfg.path {
         GroupedPath::Gemv { mt } => {
-            let (tpr, rpt) = gemv_split(step.ctx, w.k, r.tokens);
-            if mt == 0 || (mt * rpt) as usize > 64 {
+            if mt == 0 || mt as usize * GEMV_RPT as usize > 64 {
                 return Err(shape_err(
                     "moe gemm",
                     format!("{mt} tokens per register batch"),
                 ));
             }
-            if route.is_some() && (mt != 1 || r.tokens != 1) {
-                return Err(shape_err(
-                    "moe gemm",
-                    "routing inside the GEMV takes one token",
-                ));
-            }
-            let vpl = route.map(|(_, sh)| route_vpl(step.ctx, sh.experts));
-            let rows_per_group = (GEMV_WG / tpr * rpt) as usize;
+            let tpr = gemv_tpr(step.ctx, w.k);
+            let rows_per_group = (GEMV_WG / tpr * GEMV_RPT) as usize;
             (
-                gemv_kernel(mt, tpr, rpt, w.dtype, act, gather, norm.is_some(), vpl),
+                gemv_kernel(mt, tpr, w.dtype, act, gather, norm.is_some()),
                 rows_per_expert.div_ceil(rows_per_group),
             )
-        }
-        GroupedPath::Coop if route.is_some() => {
-            return Err(shape_err(
-                "moe gemm",
-                "routing inside the GEMM needs the GEMV path (one token)",
-            ))
         }
         GroupedPath::Coop if norm.is_some() => {
             return Err(shape_err(
@@ -559,9 +517,6 @@ fn grouped(
     let gemv = matches!(cfg.path, GroupedPath::Gemv { .. });
     let dummy = step.ctx.dummy()?.clone();
     let norm_w = norm.map_or(&dummy, |(g, _)| g);
-    // Without ROUTE the routing bindings are not read: any read-only buffer will do.
-    let logits = route.map_or(&r.tiles, |(l, _)| l);
-    let groups_y = route.map_or(r.max_tiles, |(_, sh)| sh.top_k);
     for c in &w.chunks {
         let params = [
             rows_per_expert as u32,
@@ -569,15 +524,17 @@ fn grouped(
             (c.row_start / rows_per_expert) as u32,
             (c.rows / rows_per_expert) as u32,
             norm.map_or(0.0, |(_, e)| e).to_bits(),
-            route.map_or(0, |(_, sh)| sh.experts as u32),
-            route.map_or(0, |(_, sh)| sh.top_k as u32),
-            route.is_some_and(|(_, sh)| sh.norm_topk) as u32,
         ];
         let mut b = vec![x, &c.tensor, y, &r.tiles, &r.sorted];
         if gemv {
-            b.extend([norm_w, logits, &r.topk_ids, &r.topk_w, &r.pair_pos]);
+            b.push(norm_w);
         }
-        step.dispatch(&kernel, &b, &params, [groups_x as u32, groups_y as u32, 1])?;
+        step.dispatch(
+            &kernel,
+            &b,
+            &params,
+            [groups_x as u32, r.max_tiles as u32, 1],
+        )?;
     }
     Ok(())
 }
@@ -660,7 +617,7 @@ fn expert_rows_normed(
     shape: &MoeShape,
     s: &MoeScratch,
 ) -> Result<()> {
-    route_gate_up(step, x, norm, experts, shape, s, false)?;
+    route_gate_up(step, x, norm, experts, shape, s)?;
     grouped(
         step,
         &s.act,
@@ -672,13 +629,10 @@ fn expert_rows_normed(
         false,
         s.cfg,
         None,
-        None,
     )
 }
 
-/// Routing and the gate/up GEMM (+ SiLU-mul) into `s.act`; with `inline_route` (one
-/// token) the GEMV routes the token itself (ROUTE in moe_gemv.wgsl: no routing dispatch),
-/// leaving topk_ids, topk_w and pair_pos as the routing kernel would, but not the tiles.
+/// Routing and the gate/up GEMM (+ SiLU-mul) into `s.act`.
 fn route_gate_up(
     step: &mut Step,
     x: &Tensor,
@@ -686,11 +640,8 @@ fn route_gate_up(
     experts: &ExpertWeights,
     shape: &MoeShape,
     s: &MoeScratch,
-    inline_route: bool,
 ) -> Result<()> {
-    if !inline_route {
-        route_into(step, &s.logits, shape, &s.routing)?;
-    }
+    route_into(step, &s.logits, shape, &s.routing)?;
     grouped(
         step,
         x,
@@ -702,7 +653,6 @@ fn route_gate_up(
         true,
         s.cfg,
         norm,
-        inline_route.then_some((&s.logits, shape)),
     )
 }
 
@@ -748,9 +698,7 @@ pub fn moe_add_normed(
     };
     matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
     if scratch.down_combine {
-        // (The grouped down GEMV reads the tiles, which only the routing kernel writes.)
-        let inline = scratch.inline_route && scratch.routing.tokens == 1;
-        route_gate_up(step, residual, Some(norm), experts, shape, scratch, inline)?;
+        route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
         return down_combine(
             step,
             &scratch.act,
@@ -775,7 +723,7 @@ fn down_combine(step: &mut Step, act: &Tensor, w: &Weight, r: &Routing, y: &Tens
         ));
     }
     expect_len("moe down + combine", "act", act, r.tokens * r.top_k * w.k)?;
-    let tpr = gemv_split(step.ctx, w.k, r.tokens).0;
+    let tpr = gemv_tpr(step.ctx, w.k);
     let kernel = down_combine_kernel(tpr, w.dtype);
     let groups = [
         n.div_ceil(DOWN_COMBINE_RPT as usize) as u32,

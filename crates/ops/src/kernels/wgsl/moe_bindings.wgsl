@@ -8,10 +8,6 @@ struct Params {
     e_count: u32,
     // RMSNorm epsilon of moe_gemv.wgsl's NORM.
     eps: f32,
-    // Routing of moe_gemv.wgsl's ROUTE: experts, picks per token, renormalise the picks.
-    experts: u32,
-    top_k: u32,
-    norm_topk: u32,
 }
 var<immediate> p: Params;
 

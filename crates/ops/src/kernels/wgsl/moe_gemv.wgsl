@@ -10,22 +10,9 @@
 // Weights f32 (W_DTYPE 0, K % 4 == 0) or f16 / bf16 (K % 8 == 0).
 // NORM: x rows are raw residual-stream rows, multiplied as rmsnorm(x) * norm_w (as in
 // gemv.wgsl: the sums of squares ride along with the products).
-// ROUTE (one token, MT = 1): no routing dispatch before this one. Workgroup (x, j) takes
-// the token's j-th pick from the router logits itself (topk_picks, moe_topk.wgsl: one
-// subgroup, the logits in registers) and writes output row j; workgroup (0, 0) also
-// writes the picks (topk_ids, topk_w, pair_pos[j] = j) for the down projection and the
-// combine. `tiles` and `sorted` are not read.
-// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM, ROUTE; MAX_K, VPL.
-// Params and bindings: moe_bindings.wgsl, the norm weight (NORM; a dummy otherwise) and the
-// routing buffers (read and written only with ROUTE):
+// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM.
+// Params and bindings: moe_bindings.wgsl, and the norm weight (NORM; a dummy otherwise):
 @group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> logits: array<f32>;
-@group(0) @binding(7) var<storage, read_write> topk_ids: array<u32>;
-@group(0) @binding(8) var<storage, read_write> topk_w: array<f32>;
-@group(0) @binding(9) var<storage, read_write> pair_pos: array<u32>;
-
-// ROUTE: the expert of this workgroup's pick.
-var<workgroup> routed: u32;
 
 const GROUPS: u32 = WG / TPR;
 const ACC: u32 = MT * RPT;
@@ -38,38 +25,15 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
             @builtin(subgroup_size) sg_size: u32) {
     let tile = wg.y;
     let wg_row0 = wg.x * GROUPS * RPT;
-    var e = 0u;
-    var first = tile;
-    var end = tile + 1u;
-    if ROUTE {
-        if tile >= p.top_k || wg_row0 >= p.n {
-            return;
-        }
-        if sg == 0u {
-            let picks = topk_picks(0u, p.experts, p.top_k, p.norm_topk != 0u, lane, sg_size);
-            if lane == 0u {
-                routed = picks.ids[tile];
-            }
-            if wg.x == 0u && tile == 0u {
-                for (var j = lane; j < p.top_k; j += sg_size) {
-                    topk_ids[j] = picks.ids[j];
-                    topk_w[j] = picks.ws[j];
-                    pair_pos[j] = j;
-                }
-            }
-        }
-        e = workgroupUniformLoad(&routed);
-    } else {
-        if tile >= tiles[0] || wg_row0 >= p.n {
-            return;
-        }
-        e = tiles[1u + 3u * tile];
-        first = tiles[2u + 3u * tile];
-        end = tiles[3u + 3u * tile];
+    if tile >= tiles[0] || wg_row0 >= p.n {
+        return;
     }
+    let e = tiles[1u + 3u * tile];
     if e < p.e0 || e >= p.e0 + p.e_count {
         return;
     }
+    let first = tiles[2u + 3u * tile];
+    let end = tiles[3u + 3u * tile];
     let wbase = (e - p.e0) * p.n;
     let g = li / TPR;
     let lt = li - g * TPR;
@@ -82,13 +46,7 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         var xrow: array<u32, MT>;
         for (var m = 0u; m < MT; m++) {
             let r = min(r0 + m, end - 1u);
-            var src = r;
-            if ROUTE {
-                src = 0u;
-            } else if GATHER == 1u {
-                src = sorted[r];
-            }
-            xrow[m] = src * kx;
+            xrow[m] = select(r, sorted[r], GATHER == 1u) * kx;
         }
         var acc: array<f32, ACC>;
         for (var j = 0u; j < ACC; j++) {
