@@ -91,8 +91,11 @@ pub struct DecoderModel {
     inv_freq: Tensor,
 }
 
-/// Layers recorded per submission of a forward (`Step::flush`).
+/// Layers recorded per submission of a forward (`Step::flush`), after a first submission
+/// of FIRST_FLUSH_LAYERS that gets the GPU going early (engine batch 1 on the H100:
+/// 168.7-171.1 -> 176.6-177.8 tok/s; flushing every 4 layers instead: 170.3-175.3).
 const FLUSH_LAYERS: usize = 8;
+const FIRST_FLUSH_LAYERS: usize = 2;
 
 fn missing_scratch() -> ModelError {
     ModelError::Ops(OpsError::Gpu(
@@ -688,7 +691,7 @@ impl DecoderModel {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             // The GPU starts on the first layers while the host records the rest.
-            if i > 0 && i % FLUSH_LAYERS == 0 {
+            if i == FIRST_FLUSH_LAYERS || (i > 0 && i % FLUSH_LAYERS == 0) {
                 step.flush()?;
             }
             if fused {
