@@ -602,17 +602,15 @@ impl DecoderModel {
         b
     }
 
-    /// Dispatches one MoE layer records (router GEMM to combine) for a batch of `tokens`.
+    /// Dispatches the MLP of one MoE layer records in a decode step of one sequence: router
+    /// GEMV, routing, gate/up and down GEMVs (one per weight chunk), the down projection
+    /// carrying the combine and the residual add (`MoeScratch::down_combine`).
     pub fn moe_layer_dispatches(&self) -> Option<usize> {
         self.layers.iter().find_map(|l| match &l.mlp {
             Mlp::Moe {
                 router, experts, ..
             } => Some(
-                router.chunks.len()
-                    + 1
-                    + experts.gate_up.chunks.len()
-                    + experts.down.chunks.len()
-                    + 1,
+                router.chunks.len() + 1 + experts.gate_up.chunks.len() + experts.down.chunks.len(),
             ),
             Mlp::Dense { .. } => None,
         })

@@ -106,7 +106,10 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         bytes / 1e9
     );
     if let Some(n) = model.moe_layer_dispatches() {
-        println!("MoE layer: {n} dispatches (router GEMM, routing, gate/up, down, combine + residual + next RMSNorm)");
+        println!(
+            "MoE layer: {n} dispatches per decode step (router GEMV + norm, routing, \
+             gate/up GEMV + norm + SiLU-mul, down GEMV + combine + residual add)"
+        );
     }
     println!(
         "device: {} ({:?}); copy kernel {:.1} GB/s",
