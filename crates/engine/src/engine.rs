@@ -21,6 +21,7 @@ use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlic
 use vllm_apple_ops::kernels::logprobs::{self, LogprobRequest};
 use vllm_apple_ops::kernels::sample::{self, RowSampling};
 use vllm_apple_ops::kv_cache::KvCache;
+use vllm_apple_ops::recorder::Readback;
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
 
 use crate::detokenizer::Detokenizer;
@@ -173,6 +174,9 @@ pub struct LLMEngine {
     by_external: HashMap<String, ReqId>,
     next_id: ReqId,
     stats: EngineStats,
+    /// Host-readable copy of the sampled ids, reused while the row count stays (a new
+    /// mappable buffer per step costs a driver allocation).
+    ids_readback: Option<(usize, Readback)>,
 }
 
 impl LLMEngine {
@@ -217,6 +221,7 @@ impl LLMEngine {
             by_external: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            ids_readback: None,
             ctx,
             model,
             tokenizer,
@@ -482,11 +487,22 @@ impl LLMEngine {
             .map(|&(_, r)| r as u32)
             .chain(prompt_rows.iter().map(|&(_, _, r)| r as u32))
             .collect();
-        let ids_t = ctx.upload_u32(&[ids.len()], &ids)?;
+        // The token ids and the logit rows (the last token where none is sampled: its
+        // logits are computed and unused) in one upload.
+        let last = [(ids.len() - 1) as u32];
+        let logit_rows: &[u32] = if rows.is_empty() { &last } else { &rows };
+        let (ids_t, rows_t) = match &ctx.upload_packed(&[
+            (&[ids.len()], DType::U32, &ids),
+            (&[logit_rows.len()], DType::U32, logit_rows),
+        ])?[..]
+        {
+            [a, b] => (a.clone(), b.clone()),
+            _ => return Err(OpsError::Gpu("packed upload".into()).into()),
+        };
         let mut step = Step::new(ctx);
         let mut gpu_logprobs: Option<(logprobs::Logprobs, Vec<usize>)> = None;
         let (logits, argmax_ids) = if rows.is_empty() {
-            let dummy = ctx.upload_u32(&[1], &[(ids.len() - 1) as u32])?;
+            let dummy = rows_t;
             self.model.forward(
                 &mut step,
                 &ids_t,
@@ -497,7 +513,6 @@ impl LLMEngine {
             )?;
             (None, None)
         } else {
-            let rows_t = ctx.upload_u32(&[rows.len()], &rows)?;
             let logits = self.model.forward(
                 &mut step,
                 &ids_t,
@@ -567,8 +582,28 @@ impl LLMEngine {
             }
             (Some(logits), Some(out))
         };
+        if let Some(out) = &argmax_ids {
+            let n = out.nbytes() as usize;
+            if self.ids_readback.as_ref().map(|(len, _)| *len) != Some(n) {
+                self.ids_readback = Some((n, Readback::new(ctx, n)));
+            }
+            if let Some((_, rb)) = &self.ids_readback {
+                step.readback_into(out, rb)?;
+            }
+        }
         let t1 = std::time::Instant::now();
-        step.submit_and_wait()?;
+        let idx = step.submit()?;
+        let gpu_ids: Vec<u32> = match (&argmax_ids, &self.ids_readback) {
+            (Some(_), Some((_, rb))) => rb
+                .read(ctx, idx)?
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            _ => {
+                ctx.wait_idle()?;
+                Vec::new()
+            }
+        };
         let t2 = std::time::Instant::now();
         self.stats.prepare_seconds += (t1 - t0).as_secs_f64();
         self.stats.gpu_seconds += (t2 - t1).as_secs_f64();
@@ -581,10 +616,6 @@ impl LLMEngine {
                     .cache_full_blocks(sc.id, &t.tokens[..computed]);
             }
         }
-        let gpu_ids = match &argmax_ids {
-            Some(t) => t.to_u32_vec(ctx)?,
-            None => Vec::new(),
-        };
         let mut row_logprobs: HashMap<usize, logprobs::RowLogprobs> = HashMap::new();
         if let Some((lp, lp_rows)) = &gpu_logprobs {
             row_logprobs.extend(lp_rows.iter().copied().zip(logprobs::read(ctx, lp)?));

@@ -311,6 +311,41 @@ fn copy_kernel_copies_exactly() {
 }
 
 #[test]
+fn packed_upload_gives_aligned_views_of_each_array() {
+    // Arrays of awkward lengths (empty, one word, one past an alignment unit) in one
+    // buffer: each view reads back exactly its own words, and a kernel reads through one.
+    let ctx = ctx();
+    let a: Vec<u32> = (0..65).map(|i| 1000 + i).collect();
+    let b: Vec<u32> = vec![7];
+    let c: Vec<u32> = Vec::new();
+    let d: Vec<f32> = (0..8).map(|i| i as f32 * -0.5).collect();
+    let d_bits: Vec<u32> = d.iter().map(|x| x.to_bits()).collect();
+    let views = ctx
+        .upload_packed(&[
+            (&[65], DType::U32, &a),
+            (&[1], DType::U32, &b),
+            (&[0], DType::U32, &c),
+            (&[8], DType::F32, &d_bits),
+        ])
+        .unwrap();
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    for v in &views {
+        assert!(v.offset().is_multiple_of(align), "{v:?}");
+    }
+    assert_eq!(views[0].to_u32_vec(ctx).unwrap(), a);
+    assert_eq!(views[1].to_u32_vec(ctx).unwrap(), b);
+    assert_eq!(views[2].numel(), 0);
+    let out = ctx.empty(&[8], DType::F32).unwrap();
+    out.poison(ctx);
+    let mut s = Step::new(ctx);
+    copy::copy(&mut s, &views[3], &out).unwrap();
+    s.submit_and_wait().unwrap();
+    assert_eq!(out.to_f32_vec(ctx).unwrap(), d);
+    let bad = ctx.upload_packed(&[(&[2], DType::U32, &b)]);
+    assert!(bad.is_err(), "one value for two elements");
+}
+
+#[test]
 fn flushed_parts_of_a_step_run_in_order() {
     // A chain of copies cut into several submissions (Step::flush), with the scratch
     // tensors of the early parts dropped by their owner right away: each part sees the

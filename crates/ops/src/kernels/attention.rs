@@ -248,21 +248,36 @@ impl HostMetadata {
         if t == 0 {
             return Err(shape_err("attention metadata", "no tokens"));
         }
-        let slots = ctx.empty(&[t], DType::I32)?;
-        slots.write_bytes(ctx, bytemuck::cast_slice(&self.slot_mapping))?;
+        // One buffer and one queue write for the six arrays.
+        let slots: &[u32] = bytemuck::cast_slice(&self.slot_mapping);
+        let (nb, ns) = (self.block_tables.len(), self.seq_lens.len());
+        let mut v = ctx
+            .upload_packed(&[
+                (&[t], DType::U32, &self.positions),
+                (&[t], DType::I32, slots),
+                (&[nb], DType::U32, &self.block_tables),
+                (&[t], DType::U32, &self.seq_of),
+                (&[t], DType::U32, &self.ctx_of),
+                (&[ns], DType::U32, &self.seq_lens),
+            ])?
+            .into_iter();
+        let mut next = || {
+            v.next()
+                .ok_or_else(|| shape_err("attention metadata", "upload"))
+        };
         Ok(AttnMetadata {
             num_tokens: t,
-            num_seqs: self.seq_lens.len(),
+            num_seqs: ns,
             block_size,
             max_blocks: self.max_blocks,
             max_ctx: self.seq_lens.iter().copied().max().unwrap_or(0) as usize,
             max_query_len: self.max_query_len(),
-            positions: ctx.upload_u32(&[t], &self.positions)?,
-            slot_mapping: slots,
-            block_tables: ctx.upload_u32(&[self.block_tables.len()], &self.block_tables)?,
-            seq_of: ctx.upload_u32(&[t], &self.seq_of)?,
-            ctx_of: ctx.upload_u32(&[t], &self.ctx_of)?,
-            seq_lens: ctx.upload_u32(&[self.seq_lens.len()], &self.seq_lens)?,
+            positions: next()?,
+            slot_mapping: next()?,
+            block_tables: next()?,
+            seq_of: next()?,
+            ctx_of: next()?,
+            seq_lens: next()?,
         })
     }
 }
