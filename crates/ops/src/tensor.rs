@@ -319,7 +319,8 @@ impl GpuContext {
     /// Several small 32-bit arrays (`(shape, dtype, words)`) uploaded as one buffer with a
     /// single queue write, each returned as a view at an aligned offset. Every queue write
     /// costs wgpu a staging buffer, mapped and unmapped (kernel calls on NVIDIA's driver),
-    /// so a step's metadata goes up in one.
+    /// so a step's metadata goes up in one. Only for arrays that kernels read: wgpu tracks
+    /// usage per buffer, so a dispatch may not write one view and read another of it.
     pub fn upload_packed(&self, parts: &[(&[usize], DType, &[u32])]) -> Result<Vec<Tensor>> {
         let align = (self.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
         let mut words: Vec<u32> = Vec::new();
