@@ -300,22 +300,27 @@ pub fn generate(
     })
 }
 
-/// GPU time of every dispatch of one decode step after a prefill of `context` tokens:
-/// (kernel label, seconds), in recording order, then "end" (for `bench decode --profile`);
-/// without `per_dispatch` only "end": the whole step's GPU time, from two timestamps.
-/// The step is recorded `repeats` times after one prefill.
+/// GPU time of every dispatch of one decode step of `batch` sequences at a context of
+/// `context` tokens: (kernel label, seconds), in recording order, then "end" (for `bench
+/// decode --profile`); without `per_dispatch` only "end": the whole step's GPU time, from
+/// two timestamps. The first sequence is prefilled with a prompt (the others' caches
+/// hold zeros: the same work); the step is recorded `repeats` times.
 pub fn profile_decode_step(
     ctx: &GpuContext,
     model: &DecoderModel,
     context: usize,
+    batch: usize,
     opts: &AttentionOptions,
     per_dispatch: bool,
     repeats: usize,
 ) -> Result<Vec<Vec<(String, f64)>>, ModelError> {
     let context = context.max(1);
+    let batch = batch.max(1);
     let blocks = (context + 1).div_ceil(BLOCK_SIZE);
-    let kv = KvCache::new(ctx, model.kv_spec(BLOCK_SIZE), blocks)?;
-    let table: Vec<u32> = (0..blocks as u32).collect();
+    let kv = KvCache::new(ctx, model.kv_spec(BLOCK_SIZE), blocks * batch)?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| ((b * blocks) as u32..((b + 1) * blocks) as u32).collect())
+        .collect();
     let prompt: Vec<u32> = (0..context)
         .map(|i| ((i * 7919 + 13) % model.cfg.vocab) as u32)
         .collect();
@@ -323,25 +328,29 @@ pub fn profile_decode_step(
         ctx,
         model,
         &kv,
-        &table,
+        &tables[0],
         &prompt,
         0,
         opts,
         &mut None,
         &mut HostTimes::default(),
     )?;
-    let seq = SeqSlice {
-        block_table: &table,
-        num_cached: context,
-        num_new: 1,
-    };
-    let meta = HostMetadata::build(&[seq], BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
-    let ids = ctx.upload_u32(&[1], &[next])?;
-    let last = ctx.upload_u32(&[1], &[0])?;
-    let out = ctx.empty(&[1], DType::U32)?;
+    let seqs: Vec<SeqSlice> = tables
+        .iter()
+        .map(|t| SeqSlice {
+            block_table: t,
+            num_cached: context,
+            num_new: 1,
+        })
+        .collect();
+    let meta = HostMetadata::build(&seqs, BLOCK_SIZE, 0)?.upload(ctx, BLOCK_SIZE)?;
+    let ids = ctx.upload_u32(&[batch], &vec![next; batch])?;
+    let rows: Vec<u32> = (0..batch as u32).collect();
+    let last = ctx.upload_u32(&[batch], &rows)?;
+    let out = ctx.empty(&[batch], DType::U32)?;
     let mut runs = Vec::new();
     for _ in 0..repeats.max(1) {
-        // The same step each time: its KV write lands on the same slot.
+        // The same step each time: its KV writes land on the same slots.
         let mut step = Step::profiled(ctx, if per_dispatch { 4095 } else { 0 })?;
         let logits = model.forward(&mut step, &ids, &meta, &kv, &last, opts)?;
         argmax::argmax(&mut step, &logits, &out)?;

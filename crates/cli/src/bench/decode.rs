@@ -37,6 +37,9 @@ pub struct Args {
     /// kernels by total time.
     #[arg(long)]
     profile: bool,
+    /// Sequences in the profiled decode step (`--profile`), e.g. 1,16.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    profile_batch: Vec<usize>,
     /// Keep the rope dispatch apart from the attention dispatch in decode steps (the
     /// unfused baseline of `AttentionOptions::fused_rope`).
     #[arg(long)]
@@ -138,7 +141,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if ctx.features.contains(inside) {
         // The median of five steps' GPU spans (two timestamps each: no per-dispatch cost).
-        let runs = profile_decode_step(&ctx, &model, args.prompt, &attn, false, 5)?;
+        let runs = profile_decode_step(&ctx, &model, args.prompt, 1, &attn, false, 5)?;
         let mut spans: Vec<f64> = runs
             .iter()
             .map(|r| r.iter().map(|(_, s)| s).sum())
@@ -150,8 +153,11 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         );
     }
     if args.profile {
-        let runs = profile_decode_step(&ctx, &model, args.prompt, &attn, true, 1)?;
-        print_profile(&runs[0]);
+        for &batch in &args.profile_batch {
+            let runs = profile_decode_step(&ctx, &model, args.prompt, batch, &attn, true, 1)?;
+            println!("batch {batch}:");
+            print_profile(&runs[0]);
+        }
     }
     Ok(())
 }
