@@ -146,11 +146,37 @@ fn gemv_decode_shapes() {
         (8, 77, 2048, DType::F16),
         (5, 130, 64, DType::F32),
         (1, 2049, 1000, DType::BF16),
+        (16, 333, 2048, DType::BF16),
+        (11, 129, 768, DType::F16),
     ]
     .into_iter()
     .enumerate()
     {
         check_matmul(m, n, k, dt, MatmulPath::Gemv, u64::MAX, 10 + i as u64);
+    }
+}
+
+#[test]
+fn gemv_splits_write_every_output() {
+    // A split is valid only if its workgroup has an invocation for each output it owns
+    // (row groups x M x rows per group); the defaults are valid on subgroups of 8 and 32.
+    let too_many = GemvConfig {
+        wg: 128,
+        tpr: 32,
+        rpt: 4,
+    };
+    assert!(!too_many.valid(16, 32), "256 outputs for 128 invocations");
+    assert!(too_many.valid(8, 32));
+    for m in 1..=32 {
+        for k in [64, 768, 1024, 2048, 4096] {
+            for sg in [8, 32] {
+                let c = GemvConfig::for_shape(m, k);
+                assert!(
+                    c.valid(m, sg),
+                    "for_shape({m}, {k}) = {c:?} on subgroups of {sg}"
+                );
+            }
+        }
     }
 }
 
@@ -165,6 +191,7 @@ fn fused_gemv_norm_and_accumulate() {
         (5, 130, 64, DType::F32),
         (2, 300, 768, DType::F16),
         (16, 200, 1024, DType::BF16),
+        (12, 130, 2048, DType::F16),
     ]
     .into_iter()
     .enumerate()

@@ -40,6 +40,32 @@ pub struct Args {
 }
 
 const SWEEP: &[GemvConfig] = &[
+    // One row per invocation group: the fewest accumulators (M of them), for batches.
+    GemvConfig {
+        wg: 128,
+        tpr: 32,
+        rpt: 1,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 32,
+        rpt: 1,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 64,
+        rpt: 1,
+    },
+    GemvConfig {
+        wg: 256,
+        tpr: 64,
+        rpt: 1,
+    },
+    GemvConfig {
+        wg: 128,
+        tpr: 128,
+        rpt: 1,
+    },
     GemvConfig {
         wg: 256,
         tpr: 32,
@@ -246,7 +272,8 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         for (name, w) in &weights {
             let w = &w[..];
             for &m in &args.decode_m {
-                for cfg in SWEEP.iter().filter(|c| m as u32 * c.rpt <= 64) {
+                let sg = ctx.info.subgroup_max_size;
+                for cfg in SWEEP.iter().filter(|c| c.valid(m, sg)) {
                     let t = Tuning {
                         gemv: Some(*cfg),
                         coop: None,

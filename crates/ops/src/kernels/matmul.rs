@@ -59,7 +59,8 @@ impl GemvConfig {
     }
 
     /// Whether the split works for `m` rows on subgroups of up to `subgroup` invocations
-    /// (a row group must be whole subgroups).
+    /// (a row group must be whole subgroups, and one invocation writes each output of the
+    /// workgroup: row groups x m x rpt of them).
     pub fn valid(self, m: usize, subgroup: u32) -> bool {
         self.tpr >= subgroup.max(1)
             && self.tpr.is_multiple_of(subgroup.max(1))
@@ -67,6 +68,7 @@ impl GemvConfig {
             && self.wg <= 256
             && self.rpt >= 1
             && m as u32 * self.rpt <= 64
+            && self.wg / self.tpr * m as u32 * self.rpt <= self.wg
     }
 
     /// The default split, from the sweeps on the H100 / H200 (docs/performance.md): at
