@@ -676,12 +676,12 @@ impl DecoderModel {
         let fused = self.layers.iter().all(|l| {
             let mlp = match (&l.mlp, &moe_scratch) {
                 (Mlp::Dense { gate_up, down }, _) => {
-                    matmul::fusable(ctx, t, gate_up) && matmul::fusable(ctx, t, down)
+                    matmul::fusable(t, gate_up) && matmul::fusable(t, down)
                 }
-                (Mlp::Moe { router, .. }, Some(s)) => moe::fusable(ctx, router, s),
+                (Mlp::Moe { router, .. }, Some(s)) => moe::fusable(router, s),
                 (Mlp::Moe { .. }, None) => false,
             };
-            mlp && matmul::fusable(ctx, t, &l.qkv) && matmul::fusable(ctx, t, &l.o)
+            mlp && matmul::fusable(t, &l.qkv) && matmul::fusable(t, &l.o)
         });
         let eps = c.rms_eps;
         if !fused {

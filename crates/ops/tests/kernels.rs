@@ -428,37 +428,6 @@ fn auto_path_falls_back_for_odd_k() {
 }
 
 #[test]
-fn auto_path_takes_matrices_from_nine_rows() {
-    // Where the matrix GEMM runs, Auto gives it batches of 9+ rows for weights of 512+
-    // rows (the GEMV below); elsewhere the GEMV up to 32 rows. Both give the right answer.
-    let ctx = ctx();
-    let matrices = ctx.coop.is_some() && ctx.subgroup_is(32);
-    let wide = Weight::upload_f32(ctx, "w", 600, 256, DType::F16, &[0.5; 600 * 256]).unwrap();
-    let narrow = Weight::upload_f32(ctx, "w", 128, 256, DType::F16, &[0.5; 128 * 256]).unwrap();
-    let s = Step::new(ctx);
-    let coop_or_gemv = match matrices {
-        true => MatmulPath::Coop,
-        false => MatmulPath::Gemv,
-    };
-    assert_eq!(matmul::auto_path(&s, 8, &wide), MatmulPath::Gemv);
-    assert_eq!(matmul::auto_path(&s, 9, &wide), coop_or_gemv);
-    assert_eq!(matmul::auto_path(&s, 32, &wide), coop_or_gemv);
-    assert_eq!(matmul::auto_path(&s, 16, &narrow), MatmulPath::Gemv);
-    assert!(!matmul::fusable(ctx, 12, &wide) || !matrices);
-    assert!(matmul::fusable(ctx, 12, &narrow));
-    drop(s);
-    for (i, (m, n, k, dt)) in [
-        (9usize, 600usize, 256usize, DType::F16),
-        (16, 1000, 2048, DType::BF16),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        check_matmul(m, n, k, dt, MatmulPath::Auto, u64::MAX, 60 + i as u64);
-    }
-}
-
-#[test]
 fn coop_gemm_matches_reference_where_offered() {
     let ctx = ctx();
     if ctx.coop.is_none() || !ctx.subgroup_is(32) {

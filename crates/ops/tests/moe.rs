@@ -448,7 +448,7 @@ fn decode_layer_with_folded_norm_and_residual_add() {
             let mut scratch = MoeScratch::new(ctx, t, &shape, h, f, dt, None).unwrap();
             assert_eq!(scratch.down_combine, t == 1);
             assert!(
-                moe::fusable(ctx, &rw, &scratch),
+                moe::fusable(&rw, &scratch),
                 "decode batch of {t} on the GEMV paths"
             );
             scratch.down_combine = down_combine;

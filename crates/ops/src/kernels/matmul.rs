@@ -27,20 +27,13 @@ const GEMM_COOP_VEC: &str = concat!(
 
 /// Largest M the GEMV path can take (its accumulators live in registers: M x ROWS).
 pub const GEMV_MAX_M: usize = 32;
-/// Largest M the automatic choice gives the GEMV where no matrix units are offered.
+/// Largest M the automatic choice gives the GEMV: on the H100 it beats the 128-row
+/// cooperative-matrix tiles up to 32 rows (too few workgroups there; docs/performance.md).
 pub const AUTO_GEMV_MAX_M: usize = 32;
-/// Largest M the automatic choice gives the GEMV where the cooperative-matrix GEMM runs:
-/// on the H100 the matrix GEMM wins from 9 rows on (M = 16: qkv 44 -> 19 us, o_proj
-/// 30 -> 17, lm_head 1190 -> 407; docs/performance.md), for weights of at least
-/// COOP_MIN_N rows (128-row tiles: fewer leave most of the GPU idle).
-pub const AUTO_GEMV_MAX_M_WITH_MATRICES: usize = 8;
-pub const COOP_MIN_N: usize = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// GEMV for M <= 8 (up to 32 where no matrix GEMM runs, or for weights of fewer
-    /// than COOP_MIN_N rows), cooperative matrices above where offered, else the tiled
-    /// GEMM.
+    /// GEMV for M <= 8, cooperative matrices above where offered, else the tiled GEMM.
     Auto,
     Gemv,
     Tiled,
@@ -137,18 +130,16 @@ pub struct Fusion<'a> {
 /// register accumulators.
 pub const FUSED_MAX_M: usize = 16;
 
-/// Whether `matmul_fused` runs for `m` rows of x times `w`: the GEMV path, where it is
-/// also the path `Auto` would take (a fused GEMV slower than the matrix GEMM plus a norm
-/// dispatch is no gain).
-pub fn fusable(ctx: &GpuContext, m: usize, w: &Weight) -> bool {
-    m <= FUSED_MAX_M && auto_path_on(ctx, m, w) == MatmulPath::Gemv
+/// Whether `matmul_fused` runs for `m` rows of x times `w` (the GEMV path).
+pub fn fusable(m: usize, w: &Weight) -> bool {
+    m <= FUSED_MAX_M && gemv_ok(m, w)
 }
 
 /// `matmul` on the GEMV path with `f` folded in: a decode step's RMSNorm and residual add
 /// without dispatches of their own. An error where the GEMV does not apply (`fusable`).
 pub fn matmul_fused(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, f: Fusion) -> Result<()> {
     let m = x.numel() / w.k.max(1);
-    if !(m <= FUSED_MAX_M && gemv_ok(m, w)) {
+    if !fusable(m, w) {
         return Err(shape_err(
             "matmul",
             format!(
@@ -370,11 +361,7 @@ pub(crate) fn coop_base(
 
 /// Whether the cooperative-matrix GEMM runs here: matrices offered, subgroups of 32.
 pub(crate) fn coop_available(step: &Step) -> bool {
-    matrices(step.ctx)
-}
-
-fn matrices(ctx: &GpuContext) -> bool {
-    ctx.coop.is_some() && ctx.subgroup_is(32)
+    step.ctx.coop.is_some() && step.ctx.subgroup_is(32)
 }
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
@@ -460,27 +447,14 @@ fn gemv_ok(m: usize, w: &Weight) -> bool {
 }
 
 fn coop_ok(step: &Step, w: &Weight) -> bool {
-    coop_ok_on(step.ctx, w)
-}
-
-fn coop_ok_on(ctx: &GpuContext, w: &Weight) -> bool {
-    matrices(ctx) && w.dtype.is_half() && w.k.is_multiple_of(8)
+    coop_available(step) && w.dtype.is_half() && w.k.is_multiple_of(8)
 }
 
 /// The path `Auto` takes for this shape on this device.
 pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
-    auto_path_on(step.ctx, m, w)
-}
-
-fn auto_path_on(ctx: &GpuContext, m: usize, w: &Weight) -> MatmulPath {
-    let coop = coop_ok_on(ctx, w);
-    let gemv_max = match coop && w.n >= COOP_MIN_N {
-        true => AUTO_GEMV_MAX_M_WITH_MATRICES,
-        false => AUTO_GEMV_MAX_M,
-    };
-    if m <= gemv_max && gemv_ok(m, w) {
+    if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
         MatmulPath::Gemv
-    } else if coop {
+    } else if coop_ok(step, w) {
         MatmulPath::Coop
     } else {
         MatmulPath::Tiled

@@ -659,9 +659,9 @@ fn route_gate_up(
 
 /// Whether `moe_add_normed` runs for this layer and scratch: decode-sized batches, whose
 /// router and expert GEMMs take the GEMV path.
-pub fn fusable(ctx: &GpuContext, router: &Weight, scratch: &MoeScratch) -> bool {
+pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
     matches!(scratch.cfg.path, GroupedPath::Gemv { .. })
-        && matmul::fusable(ctx, scratch.routing.tokens, router)
+        && matmul::fusable(scratch.routing.tokens, router)
 }
 
 /// The whole MoE layer of a decode step added into the residual stream:
@@ -678,7 +678,7 @@ pub fn moe_add_normed(
     shape: &MoeShape,
     scratch: &MoeScratch,
 ) -> Result<()> {
-    if !fusable(step.ctx, router, scratch) {
+    if !fusable(router, scratch) {
         return Err(shape_err(
             "moe",
             "a folded RMSNorm needs the GEMV paths (decode-sized batches)",
