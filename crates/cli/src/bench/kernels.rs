@@ -266,6 +266,11 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 Tuning::default(),
                 args.reps,
             )?;
+            // The matrix-unit GEMM at decode batch sizes, for comparison.
+            if args.all_paths && m > 2 && ctx.coop.is_some() && ctx.subgroup_is(32) {
+                let t = Tuning::default();
+                bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+            }
         }
     }
     if args.gemv_sweep {
