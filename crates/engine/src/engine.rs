@@ -176,7 +176,7 @@ pub struct LLMEngine {
     stats: EngineStats,
     /// Host-readable copy of the sampled ids, reused while the row count stays (a new
     /// mappable buffer per step costs a driver allocation).
-    ids_readback: Option<(usize, Readback)>,
+    ids_readback: Option<Readback>,
 }
 
 impl LLMEngine {
@@ -491,14 +491,10 @@ impl LLMEngine {
         // logits are computed and unused) in one upload.
         let last = [(ids.len() - 1) as u32];
         let logit_rows: &[u32] = if rows.is_empty() { &last } else { &rows };
-        let (ids_t, rows_t) = match &ctx.upload_packed(&[
+        let [ids_t, rows_t] = ctx.upload_packed([
             (&[ids.len()], DType::U32, &ids),
             (&[logit_rows.len()], DType::U32, logit_rows),
-        ])?[..]
-        {
-            [a, b] => (a.clone(), b.clone()),
-            _ => return Err(OpsError::Gpu("packed upload".into()).into()),
-        };
+        ])?;
         let mut step = Step::new(ctx);
         let mut gpu_logprobs: Option<(logprobs::Logprobs, Vec<usize>)> = None;
         let (logits, argmax_ids) = if rows.is_empty() {
@@ -584,17 +580,17 @@ impl LLMEngine {
         };
         if let Some(out) = &argmax_ids {
             let n = out.nbytes() as usize;
-            if self.ids_readback.as_ref().map(|(len, _)| *len) != Some(n) {
-                self.ids_readback = Some((n, Readback::new(ctx, n)));
+            if self.ids_readback.as_ref().map(Readback::len) != Some(n) {
+                self.ids_readback = Some(Readback::new(ctx, n));
             }
-            if let Some((_, rb)) = &self.ids_readback {
+            if let Some(rb) = &self.ids_readback {
                 step.readback_into(out, rb)?;
             }
         }
         let t1 = std::time::Instant::now();
         let idx = step.submit()?;
         let gpu_ids: Vec<u32> = match (&argmax_ids, &self.ids_readback) {
-            (Some(_), Some((_, rb))) => rb
+            (Some(_), Some(rb)) => rb
                 .read(ctx, idx)?
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))

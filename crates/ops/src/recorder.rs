@@ -421,6 +421,16 @@ impl Readback {
         Readback { buffer, len }
     }
 
+    /// Bytes it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The bytes, once submission `idx` (the step that recorded the copy) has completed;
     /// later submissions may still be running. The buffer is unmapped again after.
     pub fn read(&self, ctx: &GpuContext, idx: wgpu::SubmissionIndex) -> Result<Vec<u8>> {

@@ -321,36 +321,34 @@ impl GpuContext {
     /// costs wgpu a staging buffer, mapped and unmapped (kernel calls on NVIDIA's driver),
     /// so a step's metadata goes up in one. Only for arrays that kernels read: wgpu tracks
     /// usage per buffer, so a dispatch may not write one view and read another of it.
-    pub fn upload_packed(&self, parts: &[(&[usize], DType, &[u32])]) -> Result<Vec<Tensor>> {
+    pub fn upload_packed<const N: usize>(
+        &self,
+        parts: [(&[usize], DType, &[u32]); N],
+    ) -> Result<[Tensor; N]> {
         let align = (self.limits.min_storage_buffer_offset_alignment as usize).max(16) / 4;
         let mut words: Vec<u32> = Vec::new();
-        let mut offsets = Vec::with_capacity(parts.len());
-        for (shape, dtype, values) in parts {
+        let mut offsets = [0usize; N];
+        for ((shape, dtype, values), off) in parts.iter().zip(&mut offsets) {
             if dtype.size() != 4 || values.len() != shape.iter().product::<usize>() {
                 return Err(shape_err(
                     "upload",
                     format!("{} 32-bit values for {dtype} {shape:?}", values.len()),
                 ));
             }
-            let start = words.len();
-            offsets.push(start);
+            *off = words.len();
             words.extend_from_slice(values);
             // At least 16 bytes (the rounding of `binding`), up to the next aligned start.
-            let end = words.len().max(start + 4).next_multiple_of(align);
+            let end = words.len().max(*off + 4).next_multiple_of(align);
             words.resize(end, 0);
         }
         let all = self.empty(&[words.len()], DType::U32)?;
         all.write_u32(self, &words)?;
-        Ok(parts
-            .iter()
-            .zip(offsets)
-            .map(|((shape, dtype, _), off)| Tensor {
-                buf: all.buf.clone(),
-                offset: all.offset + 4 * off as u64,
-                shape: shape.to_vec(),
-                dtype: *dtype,
-            })
-            .collect())
+        Ok(std::array::from_fn(|i| Tensor {
+            buf: all.buf.clone(),
+            offset: all.offset + 4 * offsets[i] as u64,
+            shape: parts[i].0.to_vec(),
+            dtype: parts[i].1,
+        }))
     }
 
     pub fn upload_u32(&self, shape: &[usize], values: &[u32]) -> Result<Tensor> {

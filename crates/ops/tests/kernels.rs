@@ -348,7 +348,7 @@ fn packed_upload_gives_aligned_views_of_each_array() {
     let d: Vec<f32> = (0..8).map(|i| i as f32 * -0.5).collect();
     let d_bits: Vec<u32> = d.iter().map(|x| x.to_bits()).collect();
     let views = ctx
-        .upload_packed(&[
+        .upload_packed([
             (&[65], DType::U32, &a),
             (&[1], DType::U32, &b),
             (&[0], DType::U32, &c),
@@ -368,7 +368,7 @@ fn packed_upload_gives_aligned_views_of_each_array() {
     copy::copy(&mut s, &views[3], &out).unwrap();
     s.submit_and_wait().unwrap();
     assert_eq!(out.to_f32_vec(ctx).unwrap(), d);
-    let bad = ctx.upload_packed(&[(&[2], DType::U32, &b)]);
+    let bad = ctx.upload_packed([(&[2], DType::U32, &b)]);
     assert!(bad.is_err(), "one value for two elements");
 }
 

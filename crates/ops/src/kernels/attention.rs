@@ -251,20 +251,15 @@ impl HostMetadata {
         // One buffer and one queue write for the six arrays.
         let slots: &[u32] = bytemuck::cast_slice(&self.slot_mapping);
         let (nb, ns) = (self.block_tables.len(), self.seq_lens.len());
-        let mut v = ctx
-            .upload_packed(&[
+        let [positions, slot_mapping, block_tables, seq_of, ctx_of, seq_lens] =
+            ctx.upload_packed([
                 (&[t], DType::U32, &self.positions),
                 (&[t], DType::I32, slots),
                 (&[nb], DType::U32, &self.block_tables),
                 (&[t], DType::U32, &self.seq_of),
                 (&[t], DType::U32, &self.ctx_of),
                 (&[ns], DType::U32, &self.seq_lens),
-            ])?
-            .into_iter();
-        let mut next = || {
-            v.next()
-                .ok_or_else(|| shape_err("attention metadata", "upload"))
-        };
+            ])?;
         Ok(AttnMetadata {
             num_tokens: t,
             num_seqs: ns,
@@ -272,12 +267,12 @@ impl HostMetadata {
             max_blocks: self.max_blocks,
             max_ctx: self.seq_lens.iter().copied().max().unwrap_or(0) as usize,
             max_query_len: self.max_query_len(),
-            positions: next()?,
-            slot_mapping: next()?,
-            block_tables: next()?,
-            seq_of: next()?,
-            ctx_of: next()?,
-            seq_lens: next()?,
+            positions,
+            slot_mapping,
+            block_tables,
+            seq_of,
+            ctx_of,
+            seq_lens,
         })
     }
 }
@@ -752,7 +747,6 @@ pub fn attention_rope(
         expect_len("attention", "k_norm", k, d)?;
     }
     if opts.fused_rope && writes_kv(step, opts, a)? {
-        check_inputs(a)?;
         return attend_writing(step, opts, a, out, true, Some(rope));
     }
     let shape = RopeShape {
