@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use vllm_apple_ops::kernels::copy;
-use vllm_apple_ops::kernels::matmul::{CoopConfig, GemvConfig, MatmulPath, Tuning};
+use vllm_apple_ops::kernels::matmul::{CoopConfig, GemvConfig, MatmulPath, SkinnyConfig, Tuning};
 use vllm_apple_ops::kernels::{activation, argmax, embedding, matmul, rmsnorm, rope, softmax};
 use vllm_apple_ops::{DType, Step, Weight};
 
@@ -118,7 +118,7 @@ fn check_matmul_cfg(
     let mut s = Step::new(ctx);
     matmul::matmul_tuned(&mut s, &xt, &wt, &y, path, cfg).unwrap();
     s.submit_and_wait().unwrap();
-    let (want, tol) = if path == MatmulPath::Coop {
+    let (want, tol) = if matches!(path, MatmulPath::Coop | MatmulPath::Skinny) {
         let xh = DType::F16.round_trip(&x);
         (matmul::cpu::matmul(&xh, &w, n, k), COOP_TOL)
     } else {
@@ -217,6 +217,8 @@ fn fused_gemv_norm_and_accumulate() {
                 norm: norm.then_some((&gt, eps)),
                 accumulate,
             };
+            // Where the skinny matrix GEMM takes the rows, x goes in as f16.
+            let path = matmul::fused_path(&s, m, &wt);
             matmul::matmul_fused(&mut s, &xt, &wt, &y, f).unwrap();
             s.submit_and_wait().unwrap();
             let xin = match norm {
@@ -229,11 +231,17 @@ fn fused_gemv_norm_and_accumulate() {
                     *a += b;
                 }
             }
+            let tol = match path {
+                MatmulPath::Skinny => COOP_TOL,
+                _ => F32_ACCUM_TOL * (k as f64).sqrt(),
+            };
             assert_close(
-                &format!("fused gemv norm={norm} accumulate={accumulate} {dt} m={m} n={n} k={k}"),
+                &format!(
+                    "fused {path:?} norm={norm} accumulate={accumulate} {dt} m={m} n={n} k={k}"
+                ),
                 &y.to_f32_vec(ctx).unwrap(),
                 &want,
-                F32_ACCUM_TOL * (k as f64).sqrt(),
+                tol,
             );
         }
     }
@@ -259,7 +267,7 @@ fn fused_gemv_norm_and_accumulate() {
 fn gemv(c: GemvConfig) -> Tuning {
     Tuning {
         gemv: Some(c),
-        coop: None,
+        ..Default::default()
     }
 }
 
@@ -487,6 +495,86 @@ fn coop_gemm_matches_reference_where_offered() {
             t,
         );
     }
+}
+
+#[test]
+fn skinny_default_splits_fit_the_workgroup_memory() {
+    // Every default split is buildable for one to four fragments of rows, on NVIDIA's
+    // 48 KiB and Apple's 32 KiB of workgroup memory, for fragments of 16 and of 8.
+    for s in [8u32, 16] {
+        for limit in [32 * 1024, 48 * 1024] {
+            for m in 1..=4 * s as usize {
+                for n in [8, 128, 768, 2048, 5120, 151_936] {
+                    let c = SkinnyConfig::for_shape(s, m, n, limit);
+                    assert!(
+                        c.valid(s, m, limit),
+                        "for_shape({s}, {m}, {n}, {limit}) = {c:?}: {} bytes",
+                        c.shared_bytes(s, m)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn skinny_gemm_matches_reference_where_offered() {
+    let ctx = ctx();
+    if ctx.coop.is_none() || !ctx.subgroup_is(32) {
+        eprintln!(
+            "cooperative matrices not offered here ({}): skinny GEMM not run",
+            ctx.info.name
+        );
+        return;
+    }
+    let s = ctx.coop.unwrap().m as usize;
+    // One to four fragments of rows, edges mid-fragment in M, N and K, split weights.
+    for (i, (m, n, k, dt, chunk)) in [
+        (1usize, 1536usize, 576usize, DType::F16, u64::MAX),
+        (3, 130, 1000, DType::BF16, u64::MAX),
+        (9, 4099, 64, DType::F16, u64::MAX),
+        (16, 333, 2048, DType::BF16, u64::MAX),
+        (s + 1, 200, 1024, DType::F16, 96 * 1024 * 2),
+        (2 * s, 77, 768, DType::F16, u64::MAX),
+        (4 * s, 45, 136, DType::BF16, u64::MAX),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if SkinnyConfig::frags_m(s as u32, m) <= 4 {
+            check_matmul(m, n, k, dt, MatmulPath::Skinny, chunk, 80 + i as u64);
+        }
+    }
+    // Every split the sweep compares.
+    let limit = ctx.limits.max_compute_workgroup_storage_size;
+    for m in [5, s + 3, 2 * s] {
+        for (i, c) in SkinnyConfig::sweep(s as u32, m, 300, limit)
+            .into_iter()
+            .enumerate()
+        {
+            let t = Tuning {
+                skinny: Some(c),
+                ..Default::default()
+            };
+            let seed = 90 + 3 * i as u64 + m as u64;
+            check_matmul_cfg(
+                m,
+                300,
+                1000,
+                DType::BF16,
+                MatmulPath::Skinny,
+                u64::MAX,
+                seed,
+                t,
+            );
+        }
+    }
+    // Too many rows for four fragments: an error.
+    let xt = ctx.empty(&[4 * s + 1, 64], DType::F32).unwrap();
+    let wt = Weight::random(ctx, "w", 8, 64, DType::F16, 0.5, 1).unwrap();
+    let y = ctx.empty(&[4 * s + 1, 8], DType::F32).unwrap();
+    let mut st = Step::new(ctx);
+    assert!(matmul::matmul_with(&mut st, &xt, &wt, &y, MatmulPath::Skinny).is_err());
 }
 
 #[test]

@@ -4,7 +4,9 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use vllm_apple_ops::kernels::matmul::{self, CoopConfig, GemvConfig, MatmulPath, Tuning};
+use vllm_apple_ops::kernels::matmul::{
+    self, CoopConfig, GemvConfig, MatmulPath, SkinnyConfig, Tuning,
+};
 use vllm_apple_ops::kernels::{activation, argmax, copy, rmsnorm, rope};
 use vllm_apple_ops::{ContextOptions, DType, GpuContext, Weight};
 
@@ -33,10 +35,17 @@ pub struct Args {
     /// Time every cooperative-matrix GEMM variant on the prefill shapes (tuning).
     #[arg(long)]
     coop_sweep: bool,
+    /// Time every skinny matrix GEMM split at the decode batch sizes (tuning).
+    #[arg(long)]
+    skinny_sweep: bool,
     /// Only measure the GPU cost of one tiny dispatch, independent of the previous one or
     /// dependent on it (a barrier between), and exit.
     #[arg(long)]
     dispatch_overhead: bool,
+    /// Every repetition writes the same output, so each waits for the one before (the
+    /// latency of a dependent chain, as in a decode step) instead of overlapping it.
+    #[arg(long)]
+    serial: bool,
 }
 
 const SWEEP: &[GemvConfig] = &[
@@ -256,20 +265,31 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     for (name, w) in &weights {
         let w = &w[..];
         for &m in &args.decode_m {
-            bench_matmul(
-                &ctx,
-                &mut rows,
-                name,
-                w,
-                m,
-                MatmulPath::Auto,
-                Tuning::default(),
-                args.reps,
-            )?;
-            // The matrix-unit GEMM at decode batch sizes, for comparison.
-            if args.all_paths && m > 2 && ctx.coop.is_some() && ctx.subgroup_is(32) {
-                let t = Tuning::default();
-                bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+            let matrices = ctx.coop.is_some() && ctx.subgroup_is(32);
+            let s = ctx.coop.map_or(16, |c| c.m);
+            let mut paths = vec![(MatmulPath::Auto, Tuning::default())];
+            // The other paths at decode batch sizes, for comparison.
+            if args.all_paths {
+                paths.push((MatmulPath::Gemv, Tuning::default()));
+                if matrices && m > 2 {
+                    paths.push((MatmulPath::Coop, Tuning::default()));
+                }
+                if matrices && SkinnyConfig::frags_m(s, m) <= 4 {
+                    paths.push((MatmulPath::Skinny, Tuning::default()));
+                }
+            }
+            if args.skinny_sweep && matrices {
+                let limit = ctx.limits.max_compute_workgroup_storage_size;
+                for c in SkinnyConfig::sweep(s, m, w[0].n, limit) {
+                    let t = Tuning {
+                        skinny: Some(c),
+                        ..Default::default()
+                    };
+                    paths.push((MatmulPath::Skinny, t));
+                }
+            }
+            for (path, t) in paths {
+                bench_matmul(&ctx, &mut rows, name, w, m, path, t, args.reps, args.serial)?;
             }
         }
     }
@@ -281,9 +301,19 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 for cfg in SWEEP.iter().filter(|c| c.valid(m, sg)) {
                     let t = Tuning {
                         gemv: Some(*cfg),
-                        coop: None,
+                        ..Default::default()
                     };
-                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Gemv, t, args.reps)?;
+                    bench_matmul(
+                        &ctx,
+                        &mut rows,
+                        name,
+                        w,
+                        m,
+                        MatmulPath::Gemv,
+                        t,
+                        args.reps,
+                        args.serial,
+                    )?;
                 }
             }
         }
@@ -302,6 +332,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             MatmulPath::Auto,
             Tuning::default(),
             args.reps,
+            args.serial,
         )?;
         if args.all_paths && ctx.coop.is_some() {
             bench_matmul(
@@ -313,6 +344,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 MatmulPath::Tiled,
                 Tuning::default(),
                 args.reps,
+                args.serial,
             )?;
         }
         if args.coop_sweep {
@@ -323,7 +355,17 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                         coop: Some(c),
                         ..Default::default()
                     };
-                    bench_matmul(&ctx, &mut rows, name, w, m, MatmulPath::Coop, t, args.reps)?;
+                    bench_matmul(
+                        &ctx,
+                        &mut rows,
+                        name,
+                        w,
+                        m,
+                        MatmulPath::Coop,
+                        t,
+                        args.reps,
+                        args.serial,
+                    )?;
                 }
             }
         }
@@ -360,6 +402,7 @@ fn bench_matmul(
     path: MatmulPath,
     cfg: Tuning,
     reps: usize,
+    serial: bool,
 ) -> Result<()> {
     let w = &ws[0];
     let x = ctx.upload_f32(&[m, w.k], DType::F32, &vec![0.01; m * w.k])?;
@@ -372,8 +415,9 @@ fn bench_matmul(
         p => p,
     };
     drop(probe);
+    let outs = if serial { 1 } else { ys.len() };
     let t = time_reps(ctx, reps, |s, r| {
-        matmul::matmul_tuned(s, &x, &ws[r % ws.len()], &ys[r % ys.len()], resolved, cfg)
+        matmul::matmul_tuned(s, &x, &ws[r % ws.len()], &ys[r % outs], resolved, cfg)
     })?;
     let bytes = w.nbytes() as f64 + (m * w.k * 4 + m * w.n * 4) as f64;
     let flops = 2.0 * (m * w.n * w.k) as f64;
@@ -386,6 +430,14 @@ fn bench_matmul(
             }
             (MatmulPath::Coop, Tuning { coop: Some(c), .. }) => {
                 format!("coop {}", c.label())
+            }
+            (
+                MatmulPath::Skinny,
+                Tuning {
+                    skinny: Some(c), ..
+                },
+            ) => {
+                format!("skinny {}", c.label())
             }
             (p, _) => format!("{p:?}").to_lowercase(),
         },

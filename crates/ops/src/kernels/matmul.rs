@@ -24,6 +24,14 @@ const GEMM_COOP_VEC: &str = concat!(
     include_str!("wgsl/gemm_coop_dense.wgsl"),
     include_str!("wgsl/gemm_coop.wgsl")
 );
+const GEMM_SKINNY_SCALAR: &str = concat!(
+    wgsl!("gemm_coop_stage_scalar.wgsl"),
+    include_str!("wgsl/gemm_skinny.wgsl")
+);
+const GEMM_SKINNY_VEC: &str = concat!(
+    wgsl!("gemm_coop_stage_vec.wgsl"),
+    include_str!("wgsl/gemm_skinny.wgsl")
+);
 
 /// Largest M the GEMV path can take (its accumulators live in registers: M x ROWS).
 pub const GEMV_MAX_M: usize = 32;
@@ -33,11 +41,14 @@ pub const AUTO_GEMV_MAX_M: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// GEMV for M <= 8, cooperative matrices above where offered, else the tiled GEMM.
+    /// `auto_path`: the GEMV or the skinny matrix GEMM for decode-sized M, the
+    /// cooperative-matrix GEMM above where offered, else the tiled GEMM.
     Auto,
     Gemv,
     Tiled,
     Coop,
+    /// The cooperative-matrix GEMM for a few rows (gemm_skinny.wgsl): up to 4 fragments.
+    Skinny,
 }
 
 /// Rows up to this many elements are short: a subgroup per row keeps every lane loading.
@@ -152,7 +163,15 @@ pub fn matmul_fused(step: &mut Step, x: &Tensor, w: &Weight, y: &Tensor, f: Fusi
         expect_dtype("matmul norm weight", g, DType::F32)?;
         expect_len("matmul", "norm weight", g, w.k)?;
     }
-    gemm_checked(step, x, w, y, MatmulPath::Gemv, Tuning::default(), &f)
+    gemm_checked(step, x, w, y, fused_path(step, m, w), Tuning::default(), &f)
+}
+
+/// The path `matmul_fused` takes: the skinny matrix GEMM where `Auto` would, else the GEMV.
+pub fn fused_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
+    match auto_path(step, m, w) {
+        MatmulPath::Skinny => MatmulPath::Skinny,
+        _ => MatmulPath::Gemv,
+    }
 }
 
 fn gemm_kernel(dtype: DType) -> Kernel {
@@ -324,6 +343,145 @@ impl CoopConfig {
 pub struct Tuning {
     pub gemv: Option<GemvConfig>,
     pub coop: Option<CoopConfig>,
+    pub skinny: Option<SkinnyConfig>,
+}
+
+/// Split of the skinny cooperative-matrix GEMM (gemm_skinny.wgsl): workgroups of `nsg`
+/// subgroups own `frags_n` fragments of columns and all (up to 4 fragments of) rows, and
+/// split K among their subgroups in slices `bk` deep, staged with rows `pad` halves longer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkinnyConfig {
+    pub frags_n: u32,
+    pub nsg: u32,
+    pub bk: u32,
+    pub pad: u32,
+}
+
+impl SkinnyConfig {
+    /// Fragments of rows that `m` rows take.
+    pub fn frags_m(s: u32, m: usize) -> u32 {
+        (m as u32).div_ceil(s.max(1))
+    }
+
+    /// Workgroup memory in bytes for `m` rows.
+    pub fn shared_bytes(&self, s: u32, m: usize) -> u32 {
+        let mr = Self::frags_m(s, m) * s;
+        let bn = self.frags_n * s;
+        let lds = self.bk + self.pad;
+        let xl = mr * self.bk / 4 / 32;
+        self.nsg * (mr + bn) * lds * 2 + self.nsg * mr * bn * 4 + self.nsg * xl * 32 * 4 + mr * 4
+    }
+
+    /// Whether the kernel can be built for `m` rows with fragments of size `s`.
+    pub fn valid(&self, s: u32, m: usize, shared_limit: u32) -> bool {
+        let fm = Self::frags_m(s, m);
+        (1..=4).contains(&fm)
+            && matches!(self.frags_n, 1 | 2)
+            && matches!(self.nsg, 1 | 2 | 4 | 8)
+            && matches!(self.bk, 32 | 64)
+            && self.bk.is_multiple_of(s)
+            && self.pad.is_multiple_of(4)
+            && (fm * s * self.bk / 4).is_multiple_of(32)
+            && self.shared_bytes(s, m) <= shared_limit
+    }
+
+    /// The default split for `m` rows times a weight of `n` rows, within `shared_limit`
+    /// bytes of workgroup memory. From the sweep on the H100 (docs/performance.md), the
+    /// latency of a dependent call: one fragment of columns per workgroup, 64-deep slices,
+    /// K split over enough subgroups that about a thousand are in flight (two for the
+    /// 5120-row qkv_proj, four for the 1536-2048-row projections, eight below); a
+    /// vocabulary-sized weight has workgroups to spare, and two fragments of columns, K
+    /// split two ways and unpadded rows do best there. Where a split overflows the
+    /// workgroup memory (two fragments of rows, or Apple's 32 KiB), shallower slices and
+    /// fewer subgroups.
+    pub fn for_shape(s: u32, m: usize, n: usize, shared_limit: u32) -> SkinnyConfig {
+        let column_tiles = n / s as usize;
+        let (frags_n, nsg, bk, pad) = if n >= VOCAB_ROWS {
+            (2, 2, 32, 0)
+        } else if column_tiles >= 256 && Self::frags_m(s, m) == 1 {
+            (1, 2, 64, 8)
+        } else if column_tiles >= 64 {
+            (1, 4, 64, 8)
+        } else {
+            (1, 8, 64, 8)
+        };
+        let mut nsg = nsg;
+        loop {
+            for bk in [bk, 32] {
+                let c = SkinnyConfig {
+                    frags_n,
+                    nsg,
+                    bk,
+                    pad,
+                };
+                if c.valid(s, m, shared_limit) || nsg == 1 {
+                    return c;
+                }
+            }
+            nsg /= 2;
+        }
+    }
+
+    /// The splits `bench kernels --skinny-sweep` compares (the default first), each valid.
+    pub fn sweep(s: u32, m: usize, n: usize, shared_limit: u32) -> Vec<SkinnyConfig> {
+        let base = SkinnyConfig::for_shape(s, m, n, shared_limit);
+        let mut v = vec![base];
+        for frags_n in [1, 2] {
+            for nsg in [2, 4, 8] {
+                for (bk, pad) in [(32, 8), (32, 0), (64, 8), (64, 0)] {
+                    let c = SkinnyConfig {
+                        frags_n,
+                        nsg,
+                        bk,
+                        pad,
+                    };
+                    if c.valid(s, m, shared_limit) && !v.contains(&c) {
+                        v.push(c);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// A short name for benchmark tables.
+    pub fn label(&self) -> String {
+        format!(
+            "fn{} sg{} k{} p{}",
+            self.frags_n, self.nsg, self.bk, self.pad
+        )
+    }
+}
+
+fn skinny_kernel(
+    s: u32,
+    m: usize,
+    c: SkinnyConfig,
+    dtype: DType,
+    sub_sync: bool,
+    norm: bool,
+    accum: bool,
+) -> Kernel {
+    let (name, src) = if CoopConfig::for_size(s).vec_staging {
+        ("gemm_skinny.wgsl+vec", GEMM_SKINNY_VEC)
+    } else {
+        ("gemm_skinny.wgsl+scalar", GEMM_SKINNY_SCALAR)
+    };
+    Kernel::new(name, src, "gemm_skinny")
+        .u32("S", s)
+        .u32("FM", SkinnyConfig::frags_m(s, m))
+        .u32("FN", c.frags_n)
+        .u32("NSG", c.nsg)
+        .u32("BK", c.bk)
+        .u32("PAD", c.pad)
+        .bool("SUB_SYNC", sub_sync)
+        .bool("NORM", norm)
+        .bool("ACCUM", accum)
+        .u32("W_DTYPE", dtype.float_code())
+        .alias("CA", format!("coop_mat{s}x{s}<f16, A>"))
+        .alias("CB", format!("coop_mat{s}x{s}<f16, B>"))
+        .alias("CC", format!("coop_mat{s}x{s}<f32, C>"))
+        .coop()
 }
 
 fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
@@ -437,6 +595,18 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         for c in CoopConfig::sweep(s, 48 * 1024) {
             v.push(coop_kernel(s, DType::F16, c));
         }
+        // The skinny GEMM: one to four fragments of rows, each fusion, both barriers.
+        for m in [1, s as usize + 1, 3 * s as usize, 4 * s as usize] {
+            for (norm, accum) in [(false, false), (true, false), (false, true)] {
+                for sub_sync in [false, true] {
+                    let c = SkinnyConfig::for_shape(s, m, 2048, 48 * 1024);
+                    v.push(skinny_kernel(s, m, c, DType::BF16, sub_sync, norm, accum));
+                }
+            }
+            for c in SkinnyConfig::sweep(s, m, 2048, 48 * 1024) {
+                v.push(skinny_kernel(s, m, c, DType::F16, true, true, false));
+            }
+        }
     }
     v
 }
@@ -450,9 +620,27 @@ fn coop_ok(step: &Step, w: &Weight) -> bool {
     coop_available(step) && w.dtype.is_half() && w.k.is_multiple_of(8)
 }
 
+fn skinny_ok(step: &Step, m: usize, w: &Weight) -> bool {
+    let s = step.ctx.coop.map_or(16, |c| c.m);
+    coop_ok(step, w) && (1..=4).contains(&SkinnyConfig::frags_m(s, m))
+}
+
+/// Rows from which `Auto` takes the skinny matrix GEMM over the GEMV where it runs: on
+/// the H100 the GEMV is as fast at 4 rows and up to 1.6x slower at 8 (docs/performance.md).
+pub const SKINNY_MIN_M: usize = 6;
+
+/// Weights with at least this many rows (a vocabulary) have workgroups to spare: from 17
+/// rows the 128-row matrix GEMM tiles beat the skinny GEMM on them (442 against 519 us for
+/// the 151936-row lm_head at 32 rows on the H100).
+pub const VOCAB_ROWS: usize = 32768;
+
 /// The path `Auto` takes for this shape on this device.
 pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
-    if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
+    if m > 16 && m <= AUTO_GEMV_MAX_M && w.n >= VOCAB_ROWS && coop_ok(step, w) {
+        MatmulPath::Coop
+    } else if (SKINNY_MIN_M..=AUTO_GEMV_MAX_M).contains(&m) && skinny_ok(step, m, w) {
+        MatmulPath::Skinny
+    } else if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
         MatmulPath::Gemv
     } else if coop_ok(step, w) {
         MatmulPath::Coop
@@ -515,6 +703,12 @@ fn gemm_checked(
                 format!("GEMV needs M <= {GEMV_MAX_M} and K % 8 == 0; got M={m} K={k}"),
             ))
         }
+        MatmulPath::Skinny if !skinny_ok(step, m, w) => {
+            return Err(shape_err(
+                "matmul",
+                format!("skinny matrix GEMM unavailable for this device or M={m}"),
+            ))
+        }
         MatmulPath::Coop if !coop_ok(step, w) => {
             return Err(shape_err(
                 "matmul",
@@ -554,6 +748,47 @@ fn gemm_checked(
                     &params,
                     groups,
                 )?;
+            }
+            MatmulPath::Skinny => {
+                let s = step.ctx.coop.map_or(16, |c| c.m);
+                let limit = step.ctx.limits.max_compute_workgroup_storage_size;
+                let cfg = tuning
+                    .skinny
+                    .unwrap_or_else(|| SkinnyConfig::for_shape(s, m, w.n, limit));
+                if !cfg.valid(s, m, limit) {
+                    return Err(shape_err(
+                        "matmul",
+                        format!("invalid skinny GEMM split {cfg:?} for M={m}"),
+                    ));
+                }
+                let eps = fusion.norm.map_or(0.0, |(_, e)| e);
+                let params = [
+                    m as u32,
+                    n,
+                    k as u32,
+                    c.row_start as u32,
+                    w.n as u32,
+                    eps.to_bits(),
+                ];
+                let groups = grid(step.ctx, c.rows.div_ceil((cfg.frags_n * s) as usize));
+                let dummy;
+                let g = match fusion.norm {
+                    Some((g, _)) => g,
+                    None => {
+                        dummy = step.ctx.dummy()?.clone();
+                        &dummy
+                    }
+                };
+                let kernel = skinny_kernel(
+                    s,
+                    m,
+                    cfg,
+                    w.dtype,
+                    step.ctx.subgroup_barrier_orders_shared(),
+                    fusion.norm.is_some(),
+                    fusion.accumulate,
+                );
+                step.dispatch(&kernel, &[x, &c.tensor, y, g], &params, groups)?;
             }
             MatmulPath::Coop => {
                 let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);

@@ -68,24 +68,27 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             }
         }
     } else {
+        // Each weight vector is converted once and each x vector loaded once per step:
+        // the RPT rows' halves wait in registers while the M x rows stream past them.
         let kv = p.k / 8u;
         for (var i = lt; i < kv; i += TPR) {
+            var wa: array<vec4<f32>, RPT>;
+            var wb: array<vec4<f32>, RPT>;
             for (var r = 0u; r < RPT; r++) {
-                let row = min(row0 + r, p.n - 1u);
-                let wv = w[row * kv + i];
-                let a = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
-                let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
-                for (var m = 0u; m < M; m++) {
-                    var x0 = x[m * kx + 2u * i];
-                    var x1 = x[m * kx + 2u * i + 1u];
-                    if NORM {
-                        if r == 0u {
-                            ssq[m] += dot(x0, x0) + dot(x1, x1);
-                        }
-                        x0 *= norm_w[2u * i];
-                        x1 *= norm_w[2u * i + 1u];
-                    }
-                    acc[m * RPT + r] += dot(a, x0) + dot(b, x1);
+                let wv = w[min(row0 + r, p.n - 1u) * kv + i];
+                wa[r] = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
+                wb[r] = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
+            }
+            for (var m = 0u; m < M; m++) {
+                var x0 = x[m * kx + 2u * i];
+                var x1 = x[m * kx + 2u * i + 1u];
+                if NORM {
+                    ssq[m] += dot(x0, x0) + dot(x1, x1);
+                    x0 *= norm_w[2u * i];
+                    x1 *= norm_w[2u * i + 1u];
+                }
+                for (var r = 0u; r < RPT; r++) {
+                    acc[m * RPT + r] += dot(wa[r], x0) + dot(wb[r], x1);
                 }
             }
         }

@@ -73,24 +73,26 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
                 }
             }
         } else {
+            // As in gemv.wgsl: weights converted once, each x vector loaded once per step.
             for (var i = lt; i < kv; i += TPR) {
+                var wa: array<vec4<f32>, RPT>;
+                var wb: array<vec4<f32>, RPT>;
                 for (var r = 0u; r < RPT; r++) {
-                    let row = wbase + min(row0 + r, p.n - 1u);
-                    let wv = w[row * kv + i];
-                    let a = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
-                    let b = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
-                    for (var m = 0u; m < MT; m++) {
-                        if m < count {
-                            var x0 = x[xrow[m] + 2u * i];
-                            var x1 = x[xrow[m] + 2u * i + 1u];
-                            if NORM {
-                                if r == 0u {
-                                    ssq[m] += dot(x0, x0) + dot(x1, x1);
-                                }
-                                x0 *= norm_w[2u * i];
-                                x1 *= norm_w[2u * i + 1u];
-                            }
-                            acc[m * RPT + r] += dot(a, x0) + dot(b, x1);
+                    let wv = w[(wbase + min(row0 + r, p.n - 1u)) * kv + i];
+                    wa[r] = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
+                    wb[r] = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
+                }
+                for (var m = 0u; m < MT; m++) {
+                    if m < count {
+                        var x0 = x[xrow[m] + 2u * i];
+                        var x1 = x[xrow[m] + 2u * i + 1u];
+                        if NORM {
+                            ssq[m] += dot(x0, x0) + dot(x1, x1);
+                            x0 *= norm_w[2u * i];
+                            x1 *= norm_w[2u * i + 1u];
+                        }
+                        for (var r = 0u; r < RPT; r++) {
+                            acc[m * RPT + r] += dot(wa[r], x0) + dot(wb[r], x1);
                         }
                     }
                 }
