@@ -246,8 +246,9 @@ fn fused_gemv_norm_and_accumulate() {
         }
     }
     // Beyond the fused GEMV's rows: an error, not a silent fallback.
+    let m = matmul::FUSED_MAX_M + 1;
     let xt = ctx
-        .upload_f32(&[9, 64], DType::F32, &vec![1.0; 9 * 64])
+        .upload_f32(&[m, 64], DType::F32, &vec![1.0; m * 64])
         .unwrap();
     let wt = Weight::upload_chunked(
         ctx,
@@ -259,7 +260,7 @@ fn fused_gemv_norm_and_accumulate() {
         u64::MAX,
     )
     .unwrap();
-    let y = ctx.empty(&[17, 8], DType::F32).unwrap();
+    let y = ctx.empty(&[m, 8], DType::F32).unwrap();
     let mut s = Step::new(ctx);
     assert!(matmul::matmul_fused(&mut s, &xt, &wt, &y, matmul::Fusion::default()).is_err());
 }
