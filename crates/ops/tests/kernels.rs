@@ -192,6 +192,7 @@ fn fused_gemv_norm_and_accumulate() {
         (2, 300, 768, DType::F16),
         (16, 200, 1024, DType::BF16),
         (12, 130, 2048, DType::F16),
+        (4, 96, 1000, DType::BF16),
     ]
     .into_iter()
     .enumerate()
@@ -506,12 +507,14 @@ fn skinny_default_splits_fit_the_workgroup_memory() {
         for limit in [32 * 1024, 48 * 1024] {
             for m in 1..=4 * s as usize {
                 for n in [8, 128, 768, 2048, 5120, 151_936] {
-                    let c = SkinnyConfig::for_shape(s, m, n, limit);
-                    assert!(
-                        c.valid(s, m, limit),
-                        "for_shape({s}, {m}, {n}, {limit}) = {c:?}: {} bytes",
-                        c.shared_bytes(s, m)
-                    );
+                    for norm in [false, true] {
+                        let c = SkinnyConfig::for_shape(s, m, n, norm, limit);
+                        assert!(
+                            c.valid(s, m, limit),
+                            "for_shape({s}, {m}, {n}, {norm}, {limit}) = {c:?}: {} bytes",
+                            c.shared_bytes(s, m)
+                        );
+                    }
                 }
             }
         }

@@ -378,43 +378,48 @@ impl SkinnyConfig {
         (1..=4).contains(&fm)
             && matches!(self.frags_n, 1 | 2)
             && matches!(self.nsg, 1 | 2 | 4 | 8)
-            && matches!(self.bk, 32 | 64)
+            && matches!(self.bk, 32 | 64 | 128)
             && self.bk.is_multiple_of(s)
             && self.pad.is_multiple_of(4)
             && (fm * s * self.bk / 4).is_multiple_of(32)
             && self.shared_bytes(s, m) <= shared_limit
     }
 
-    /// The default split for `m` rows times a weight of `n` rows, within `shared_limit`
-    /// bytes of workgroup memory. From the sweep on the H100 (docs/performance.md), the
-    /// latency of a dependent call: one fragment of columns per workgroup, 64-deep slices,
-    /// K split over enough subgroups that about a thousand are in flight (two for the
-    /// 5120-row qkv_proj, four for the 1536-2048-row projections, eight below); a
-    /// vocabulary-sized weight has workgroups to spare, and two fragments of columns, K
-    /// split two ways and unpadded rows do best there. Where a split overflows the
-    /// workgroup memory (two fragments of rows, or Apple's 32 KiB), shallower slices and
-    /// fewer subgroups.
-    pub fn for_shape(s: u32, m: usize, n: usize, shared_limit: u32) -> SkinnyConfig {
+    /// The default split for `m` rows times a weight of `n` rows (`norm`: with the input
+    /// RMSNorm folded in), within `shared_limit` bytes of workgroup memory. From the sweeps
+    /// and step profiles on the H100 (docs/performance.md), the latency of a dependent
+    /// call: one fragment of columns per workgroup. Without the norm, 128-deep slices (the
+    /// most weight bytes in flight per subgroup) and K split four ways, two for a
+    /// vocabulary (which has workgroups to spare). With it, whose sums of squares take
+    /// registers of their own, 64-deep slices and K split two ways for qkv_proj-sized
+    /// weights (256+ column fragments), four below. Eight for weights of fewer than 64
+    /// column fragments either way. Where that overflows the workgroup memory (more
+    /// fragments of rows, or Apple's 32 KiB), shallower slices, then fewer subgroups.
+    pub fn for_shape(s: u32, m: usize, n: usize, norm: bool, shared_limit: u32) -> SkinnyConfig {
         let column_tiles = n / s as usize;
-        let (frags_n, nsg, bk, pad) = if n >= VOCAB_ROWS {
-            (2, 2, 32, 0)
-        } else if column_tiles >= 256 && Self::frags_m(s, m) == 1 {
-            (1, 2, 64, 8)
-        } else if column_tiles >= 64 {
-            (1, 4, 64, 8)
+        let (mut nsg, depths): (u32, &[u32]) = if column_tiles < 64 {
+            (8, &[64, 32])
+        } else if norm {
+            let nsg = if column_tiles >= 256 && Self::frags_m(s, m) == 1 {
+                2
+            } else {
+                4
+            };
+            (nsg, &[64, 32])
+        } else if n >= VOCAB_ROWS {
+            (2, &[128, 64, 32])
         } else {
-            (1, 8, 64, 8)
+            (4, &[128, 64, 32])
         };
-        let mut nsg = nsg;
         loop {
-            for bk in [bk, 32] {
+            for &bk in depths {
                 let c = SkinnyConfig {
-                    frags_n,
+                    frags_n: 1,
                     nsg,
                     bk,
-                    pad,
+                    pad: 8,
                 };
-                if c.valid(s, m, shared_limit) || nsg == 1 {
+                if c.valid(s, m, shared_limit) || (nsg == 1 && bk == 32) {
                     return c;
                 }
             }
@@ -424,11 +429,11 @@ impl SkinnyConfig {
 
     /// The splits `bench kernels --skinny-sweep` compares (the default first), each valid.
     pub fn sweep(s: u32, m: usize, n: usize, shared_limit: u32) -> Vec<SkinnyConfig> {
-        let base = SkinnyConfig::for_shape(s, m, n, shared_limit);
+        let base = SkinnyConfig::for_shape(s, m, n, false, shared_limit);
         let mut v = vec![base];
         for frags_n in [1, 2] {
             for nsg in [2, 4, 8] {
-                for (bk, pad) in [(32, 8), (32, 0), (64, 8), (64, 0)] {
+                for (bk, pad) in [(32, 8), (32, 0), (64, 8), (64, 0), (128, 8), (128, 0)] {
                     let c = SkinnyConfig {
                         frags_n,
                         nsg,
@@ -599,7 +604,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         for m in [1, s as usize + 1, 3 * s as usize, 4 * s as usize] {
             for (norm, accum) in [(false, false), (true, false), (false, true)] {
                 for sub_sync in [false, true] {
-                    let c = SkinnyConfig::for_shape(s, m, 2048, 48 * 1024);
+                    let c = SkinnyConfig::for_shape(s, m, 2048, norm, 48 * 1024);
                     v.push(skinny_kernel(s, m, c, DType::BF16, sub_sync, norm, accum));
                 }
             }
@@ -626,7 +631,8 @@ fn skinny_ok(step: &Step, m: usize, w: &Weight) -> bool {
 }
 
 /// Rows from which `Auto` takes the skinny matrix GEMM over the GEMV where it runs: on
-/// the H100 the GEMV is as fast at 4 rows and up to 1.6x slower at 8 (docs/performance.md).
+/// the H100 the GEMV is as fast at 4 rows (faster on qkv_proj and the lm_head, slower
+/// on o_proj) and up to 1.6x slower at 8 (docs/performance.md).
 pub const SKINNY_MIN_M: usize = 6;
 
 /// Weights with at least this many rows (a vocabulary) have workgroups to spare: from 17
@@ -752,9 +758,9 @@ fn gemm_checked(
             MatmulPath::Skinny => {
                 let s = step.ctx.coop.map_or(16, |c| c.m);
                 let limit = step.ctx.limits.max_compute_workgroup_storage_size;
-                let cfg = tuning
-                    .skinny
-                    .unwrap_or_else(|| SkinnyConfig::for_shape(s, m, w.n, limit));
+                let cfg = tuning.skinny.unwrap_or_else(|| {
+                    SkinnyConfig::for_shape(s, m, w.n, fusion.norm.is_some(), limit)
+                });
                 if !cfg.valid(s, m, limit) {
                     return Err(shape_err(
                         "matmul",

@@ -15,7 +15,7 @@
 // same rows every slice), and the result rows are scaled by 1 / rms at the end.
 // ACCUM: y += the product (a residual add), else y = the product.
 // Needs subgroups of 32 and K % 8 == 0. Prelude: S, FM (1..4), FN (1 or 2), NSG, BK (a
-// multiple of S, 32 or 64), PAD, SUB_SYNC, NORM, ACCUM, W_DTYPE, aliases CA, CB, CC.
+// multiple of S: 32, 64 or 128), PAD, SUB_SYNC, NORM, ACCUM, W_DTYPE, aliases CA, CB, CC.
 struct Params {
     m: u32,
     n: u32,
