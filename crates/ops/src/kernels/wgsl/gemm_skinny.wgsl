@@ -60,6 +60,13 @@ fn x_load(r: u32, k: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
+fn norm_load(k: u32) -> vec4<f32> {
+    if k < p.k {
+        return norm_w[k / 4u];
+    }
+    return vec4<f32>(0.0);
+}
+
 fn w_load(n: u32, k: u32) -> vec4<u32> {
     if n < p.n && k < p.k {
         return w[(n * p.k + k) / 8u];
@@ -93,6 +100,8 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     var c30 = CC();
     var c31 = CC();
     var xr: array<vec4<f32>, XL>;
+    // The norm weight's vectors for the x vectors in flight (NORM), prefetched with them.
+    var nr: array<vec4<f32>, XL>;
     var wr: array<vec4<u32>, WL>;
     var ssq: array<f32, XL>;
     for (var j = 0u; j < XL; j++) {
@@ -105,6 +114,9 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     for (var j = 0u; j < XL; j++) {
         let idx = lane + j * 32u;
         xr[j] = x_load(idx / XV, k0 + (idx % XV) * 4u);
+        if NORM {
+            nr[j] = norm_load(k0 + (idx % XV) * 4u);
+        }
     }
     for (var j = 0u; j < WL; j++) {
         let idx = lane + j * 32u;
@@ -118,10 +130,7 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             var v = xr[j];
             if NORM {
                 ssq[j] += dot(v, v);
-                let kk = k0 + (idx % XV) * 4u;
-                if kk < p.k {
-                    v *= norm_w[kk / 4u];
-                }
+                v *= nr[j];
             }
             stage_x(xb * SHW + (idx / XV) * LDS + (idx % XV) * 4u, v);
         }
@@ -138,6 +147,9 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             for (var j = 0u; j < XL; j++) {
                 let idx = lane + j * 32u;
                 xr[j] = x_load(idx / XV, k0 + (idx % XV) * 4u);
+                if NORM {
+                    nr[j] = norm_load(k0 + (idx % XV) * 4u);
+                }
             }
             for (var j = 0u; j < WL; j++) {
                 let idx = lane + j * 32u;
