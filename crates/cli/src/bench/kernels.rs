@@ -270,7 +270,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             let mut paths = vec![(MatmulPath::Auto, Tuning::default())];
             // The other paths at decode batch sizes, for comparison.
             if args.all_paths {
-                paths.push((MatmulPath::Gemv, Tuning::default()));
+                if m <= matmul::GEMV_MAX_M {
+                    paths.push((MatmulPath::Gemv, Tuning::default()));
+                }
                 if matrices && m > 2 {
                     paths.push((MatmulPath::Coop, Tuning::default()));
                 }

@@ -642,9 +642,9 @@ pub const VOCAB_ROWS: usize = 32768;
 
 /// The path `Auto` takes for this shape on this device.
 pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
-    if m > 16 && m <= AUTO_GEMV_MAX_M && w.n >= VOCAB_ROWS && coop_ok(step, w) {
+    if m > 16 && w.n >= VOCAB_ROWS && coop_ok(step, w) {
         MatmulPath::Coop
-    } else if (SKINNY_MIN_M..=AUTO_GEMV_MAX_M).contains(&m) && skinny_ok(step, m, w) {
+    } else if m >= SKINNY_MIN_M && skinny_ok(step, m, w) {
         MatmulPath::Skinny
     } else if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
         MatmulPath::Gemv
