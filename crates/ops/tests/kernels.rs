@@ -500,6 +500,25 @@ fn coop_gemm_matches_reference_where_offered() {
 }
 
 #[test]
+fn skinny_gemm_is_skipped_where_its_splits_do_not_fit() {
+    // WebGPU's minimum of 16 KiB: the automatic path only takes splits that fit.
+    for s in [8u32, 16] {
+        for m in 1..=4 * s as usize {
+            for n in [128, 2048, 151_936] {
+                let limit = 16 * 1024;
+                if matmul::skinny_fits(s, m, n, limit) {
+                    for norm in [false, true] {
+                        let c = SkinnyConfig::for_shape(s, m, n, norm, limit);
+                        assert!(c.valid(s, m, limit), "{s} {m} {n} {norm}: {c:?}");
+                    }
+                }
+            }
+        }
+        assert!(!matmul::skinny_fits(s, 4 * s as usize + 1, 2048, 48 * 1024));
+    }
+}
+
+#[test]
 fn skinny_default_splits_fit_the_workgroup_memory() {
     // Every default split is buildable for one to four fragments of rows, on NVIDIA's
     // 48 KiB and Apple's 32 KiB of workgroup memory, for fragments of 16 and of 8.

@@ -1,7 +1,8 @@
 //! `y = x W^T` with weights in Hugging Face layout `[N, K]` (f16, bf16 or f32) and f32
-//! activations and accumulation. Three paths: a GEMV for decode-sized M (bandwidth bound),
-//! a tiled subgroup-free GEMM for any shape, and a cooperative-matrix GEMM where the adapter
-//! offers f16 matrices with f32 accumulators.
+//! activations and accumulation. Four paths: a GEMV for decode-sized M (bandwidth bound),
+//! a tiled subgroup-free GEMM for any shape, and where the adapter offers f16 matrices with
+//! f32 accumulators a cooperative-matrix GEMM for prefill-sized M and a skinny one for
+//! batches of a few to 4 fragments of rows (K split across subgroups).
 
 use super::{expect_dtype, expect_len, wgsl};
 use crate::context::GpuContext;
@@ -627,7 +628,18 @@ fn coop_ok(step: &Step, w: &Weight) -> bool {
 
 fn skinny_ok(step: &Step, m: usize, w: &Weight) -> bool {
     let s = step.ctx.coop.map_or(16, |c| c.m);
-    coop_ok(step, w) && (1..=4).contains(&SkinnyConfig::frags_m(s, m))
+    let limit = step.ctx.limits.max_compute_workgroup_storage_size;
+    coop_ok(step, w) && skinny_fits(s, m, w.n, limit)
+}
+
+/// Whether the skinny GEMM's default splits (with and without a folded norm) for `m`
+/// rows times a weight of `n` rows fit `shared_limit` bytes of workgroup memory with
+/// fragments of `s`: where they do not, `Auto` takes another path.
+pub fn skinny_fits(s: u32, m: usize, n: usize, shared_limit: u32) -> bool {
+    (1..=4).contains(&SkinnyConfig::frags_m(s, m))
+        && [false, true].into_iter().all(|norm| {
+            SkinnyConfig::for_shape(s, m, n, norm, shared_limit).valid(s, m, shared_limit)
+        })
 }
 
 /// Rows from which `Auto` takes the skinny matrix GEMM over the GEMV where it runs: on
