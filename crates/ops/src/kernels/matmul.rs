@@ -359,9 +359,14 @@ pub struct SkinnyConfig {
 }
 
 impl SkinnyConfig {
-    /// Fragments of rows that `m` rows take.
+    /// Fragments of rows in one row block of `m` rows: up to four.
     pub fn frags_m(s: u32, m: usize) -> u32 {
-        (m as u32).div_ceil(s.max(1))
+        (m as u32).div_ceil(s.max(1)).clamp(1, 4)
+    }
+
+    /// Row blocks (workgroups along z) that `m` rows take: one up to four fragments.
+    pub fn row_blocks(s: u32, m: usize) -> u32 {
+        (m as u32).div_ceil(Self::frags_m(s, m) * s.max(1))
     }
 
     /// Workgroup memory in bytes for `m` rows.
@@ -376,8 +381,7 @@ impl SkinnyConfig {
     /// Whether the kernel can be built for `m` rows with fragments of size `s`.
     pub fn valid(&self, s: u32, m: usize, shared_limit: u32) -> bool {
         let fm = Self::frags_m(s, m);
-        (1..=4).contains(&fm)
-            && matches!(self.frags_n, 1 | 2)
+        matches!(self.frags_n, 1 | 2)
             && matches!(self.nsg, 1 | 2 | 4 | 8)
             && matches!(self.bk, 32 | 64 | 128)
             && self.bk.is_multiple_of(s)
@@ -636,7 +640,7 @@ fn skinny_ok(step: &Step, m: usize, w: &Weight) -> bool {
 /// rows times a weight of `n` rows fit `shared_limit` bytes of workgroup memory with
 /// fragments of `s`: where they do not, `Auto` takes another path.
 pub fn skinny_fits(s: u32, m: usize, n: usize, shared_limit: u32) -> bool {
-    (1..=4).contains(&SkinnyConfig::frags_m(s, m))
+    m > 0
         && [false, true].into_iter().all(|norm| {
             SkinnyConfig::for_shape(s, m, n, norm, shared_limit).valid(s, m, shared_limit)
         })
@@ -647,6 +651,29 @@ pub fn skinny_fits(s: u32, m: usize, n: usize, shared_limit: u32) -> bool {
 /// on o_proj) and up to 1.6x slower at 8 (docs/performance.md).
 pub const SKINNY_MIN_M: usize = 6;
 
+/// Rows up to which `Auto` takes the skinny GEMM (in row blocks of four fragments) over
+/// the 128-row matrix tiles when those would run at most `SKINNY_COOP_WORKGROUPS`
+/// workgroups; below `SKINNY_ALWAYS_M` rows, always. On the H100 (chained latency, us,
+/// docs/performance.md): at 128 rows o_proj 68 against 141 (16 tiles), the expert shapes
+/// 37 / 19 against 74 / 31 (12 / 16 tiles), but qkv_proj 92 against 74 (40 tiles); at
+/// 256 rows o_proj 125 against 133 (32 tiles); from 384 rows the tiles win everywhere.
+pub const SKINNY_MAX_M: usize = 256;
+pub const SKINNY_ALWAYS_M: usize = 64;
+pub const SKINNY_COOP_WORKGROUPS: usize = 32;
+
+/// Whether `Auto` prefers the skinny GEMM to the matrix tiles for `m` rows times `w`.
+fn skinny_preferred(step: &Step, m: usize, w: &Weight) -> bool {
+    if !(SKINNY_MIN_M..=SKINNY_MAX_M).contains(&m) {
+        return false;
+    }
+    if m <= SKINNY_ALWAYS_M {
+        return true;
+    }
+    let s = step.ctx.coop.map_or(16, |c| c.m) as usize;
+    let tile_n = CoopConfig::for_device(step.ctx).tile_n(s as u32) as usize;
+    w.n.div_ceil(tile_n) * m.div_ceil(8 * s) <= SKINNY_COOP_WORKGROUPS
+}
+
 /// Weights with at least this many rows (a vocabulary) have workgroups to spare: from 17
 /// rows the 128-row matrix GEMM tiles beat the skinny GEMM on them (442 against 519 us for
 /// the 151936-row lm_head at 32 rows on the H100).
@@ -656,7 +683,7 @@ pub const VOCAB_ROWS: usize = 32768;
 pub fn auto_path(step: &Step, m: usize, w: &Weight) -> MatmulPath {
     if m > 16 && w.n >= VOCAB_ROWS && coop_ok(step, w) {
         MatmulPath::Coop
-    } else if m >= SKINNY_MIN_M && skinny_ok(step, m, w) {
+    } else if skinny_preferred(step, m, w) && skinny_ok(step, m, w) {
         MatmulPath::Skinny
     } else if m <= AUTO_GEMV_MAX_M && gemv_ok(m, w) {
         MatmulPath::Gemv
@@ -788,7 +815,8 @@ fn gemm_checked(
                     w.n as u32,
                     eps.to_bits(),
                 ];
-                let groups = grid(step.ctx, c.rows.div_ceil((cfg.frags_n * s) as usize));
+                let [gx, gy, _] = grid(step.ctx, c.rows.div_ceil((cfg.frags_n * s) as usize));
+                let groups = [gx, gy, SkinnyConfig::row_blocks(s, m)];
                 let dummy;
                 let g = match fusion.norm {
                     Some((g, _)) => g,

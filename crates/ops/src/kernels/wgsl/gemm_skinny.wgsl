@@ -1,7 +1,8 @@
-// Skinny cooperative-matrix GEMM for decode batches (up to FM x S rows, e.g. 32):
+// Skinny cooperative-matrix GEMM for decode batches and short prefills:
 // y[m, n_offset + n] (= or +=) sum_k x[m, k] W[n, k], on the matrix units instead of the
 // GEMV's scalar multiply-adds, which are bound by instruction issue from a few rows on.
-// A workgroup owns BN = FN x S output columns and all rows; its NSG subgroups split K: the
+// A workgroup owns BN = FN x S output columns of a block of MR = FM x S rows (workgroup
+// z: the block; one block up to 4 S rows, e.g. 64); its NSG subgroups split K: the
 // subgroup sg multiplies slices sg, sg + NSG, sg + 2 NSG, ... of depth BK, each staged (as
 // f16, through gemm_coop_stage_*.wgsl) in the subgroup's own workgroup memory, with the
 // next slice's global loads held in registers while the current one multiplies. The
@@ -53,9 +54,12 @@ var<workgroup> red: array<f32, NSG * MR * BN>;
 var<workgroup> sq: array<f32, NSG * XL * 32u>;
 var<workgroup> rs: array<f32, MR>;
 
+// First row of this workgroup's block.
+var<private> m0: u32;
+
 fn x_load(r: u32, k: u32) -> vec4<f32> {
-    if r < p.m && k < p.k {
-        return x[(r * p.k + k) / 4u];
+    if m0 + r < p.m && k < p.k {
+        return x[((m0 + r) * p.k + k) / 4u];
     }
     return vec4<f32>(0.0);
 }
@@ -89,6 +93,7 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     // (Workgroups past the last tile of a two-dimensional grid load zeros and store
     // nothing: a return here would break the uniform control flow matrix loads need.)
     let n0 = flat_group(wg, nwg) * BN;
+    m0 = wg.z * MR;
     let xb = sg * MR * LDE;
     let wb = sg * BN * LDE;
     var c00 = CC();
@@ -238,7 +243,7 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         }
         workgroupBarrier();
     }
-    let rows = min(p.m, MR);
+    let rows = min(p.m - m0, MR);
     for (var e = li; e < rows * BN; e += WG) {
         let r = e / BN;
         let c = e % BN;
@@ -250,7 +255,7 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             if NORM {
                 v *= rs[r];
             }
-            let o = r * p.ldy + p.n_offset + n0 + c;
+            let o = (m0 + r) * p.ldy + p.n_offset + n0 + c;
             if ACCUM {
                 y[o] += v;
             } else {
