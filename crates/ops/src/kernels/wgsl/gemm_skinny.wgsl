@@ -49,8 +49,9 @@ var<workgroup> xs: array<SH, NSG * MR * LDE>;
 var<workgroup> ws: array<SH, NSG * BN * LDE>;
 var<workgroup> red: array<f32, NSG * MR * BN>;
 // Lanes' sums of squares (NORM). Sized the same without NORM: with a one-element array
-// there (array<f32, select(1u, .., NORM)>) the NVIDIA Vulkan driver computed wrong
-// products, and every split passes sized like this.
+// there (array<f32, select(1u, .., NORM)>) the kernel computed wrong products on the
+// H100 (naga's SPIR-V or NVIDIA's driver; not isolated), and every split passes sized
+// like this.
 var<workgroup> sq: array<f32, NSG * XL * 32u>;
 var<workgroup> rs: array<f32, MR>;
 
