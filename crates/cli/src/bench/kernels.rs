@@ -276,7 +276,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
                 if matrices && m > 2 {
                     paths.push((MatmulPath::Coop, Tuning::default()));
                 }
-                if matrices && SkinnyConfig::frags_m(s, m) <= 4 {
+                if matrices {
                     paths.push((MatmulPath::Skinny, Tuning::default()));
                 }
             }

@@ -48,7 +48,8 @@ pub enum MatmulPath {
     Gemv,
     Tiled,
     Coop,
-    /// The cooperative-matrix GEMM for a few rows (gemm_skinny.wgsl): up to 4 fragments.
+    /// The cooperative-matrix GEMM for a few rows (gemm_skinny.wgsl), K split across
+    /// subgroups, in row blocks of up to 4 fragments.
     Skinny,
 }
 
@@ -239,7 +240,7 @@ impl CoopConfig {
     /// the device orders workgroup memory at a subgroup barrier (160-209 TFLOP/s against
     /// 148-204 without on the H100's prefill shapes; docs/performance.md).
     pub fn for_device(ctx: &GpuContext) -> CoopConfig {
-        let s = ctx.coop.map(|c| c.m).unwrap_or(16);
+        let s = frag_size(ctx);
         CoopConfig {
             sub_epilogue: ctx.subgroup_barrier_orders_shared(),
             ..CoopConfig::for_size(s)
@@ -348,8 +349,9 @@ pub struct Tuning {
 }
 
 /// Split of the skinny cooperative-matrix GEMM (gemm_skinny.wgsl): workgroups of `nsg`
-/// subgroups own `frags_n` fragments of columns and all (up to 4 fragments of) rows, and
-/// split K among their subgroups in slices `bk` deep, staged with rows `pad` halves longer.
+/// subgroups own `frags_n` fragments of columns and a block of up to 4 fragments of rows,
+/// and split K among their subgroups in slices `bk` deep, staged with rows `pad` halves
+/// longer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SkinnyConfig {
     pub frags_n: u32,
@@ -387,6 +389,7 @@ impl SkinnyConfig {
             && self.bk.is_multiple_of(s)
             && self.pad.is_multiple_of(4)
             && (fm * s * self.bk / 4).is_multiple_of(32)
+            && (self.frags_n * s * self.bk / 8).is_multiple_of(32)
             && self.shared_bytes(s, m) <= shared_limit
     }
 
@@ -527,6 +530,12 @@ pub(crate) fn coop_base(
         .coop()
 }
 
+/// The device's matrix fragment size (16 where none is offered: the launchers check
+/// `coop_available` before they dispatch).
+fn frag_size(ctx: &GpuContext) -> u32 {
+    ctx.coop.map_or(16, |c| c.m)
+}
+
 /// Whether the cooperative-matrix GEMM runs here: matrices offered, subgroups of 32.
 pub(crate) fn coop_available(step: &Step) -> bool {
     step.ctx.coop.is_some() && step.ctx.subgroup_is(32)
@@ -631,7 +640,7 @@ fn coop_ok(step: &Step, w: &Weight) -> bool {
 }
 
 fn skinny_ok(step: &Step, m: usize, w: &Weight) -> bool {
-    let s = step.ctx.coop.map_or(16, |c| c.m);
+    let s = frag_size(step.ctx);
     let limit = step.ctx.limits.max_compute_workgroup_storage_size;
     coop_ok(step, w) && skinny_fits(s, m, w.n, limit)
 }
@@ -669,7 +678,7 @@ fn skinny_preferred(step: &Step, m: usize, w: &Weight) -> bool {
     if m <= SKINNY_ALWAYS_M {
         return true;
     }
-    let s = step.ctx.coop.map_or(16, |c| c.m) as usize;
+    let s = frag_size(step.ctx) as usize;
     let tile_n = CoopConfig::for_device(step.ctx).tile_n(s as u32) as usize;
     w.n.div_ceil(tile_n) * m.div_ceil(8 * s) <= SKINNY_COOP_WORKGROUPS
 }
@@ -762,6 +771,16 @@ fn gemm_checked(
         }
         p => p,
     };
+    // The GEMV's and the skinny GEMM's norm binding: the norm weight, or a dummy.
+    let eps = fusion.norm.map_or(0.0, |(_, e)| e).to_bits();
+    let dummy;
+    let g = match fusion.norm {
+        Some((g, _)) => g,
+        None => {
+            dummy = step.ctx.dummy()?.clone();
+            &dummy
+        }
+    };
     for c in &w.chunks {
         let n = c.rows as u32;
         match path {
@@ -776,17 +795,8 @@ fn gemm_checked(
                         format!("invalid GEMV split {cfg:?} for M={m}"),
                     ));
                 }
-                let eps = fusion.norm.map_or(0.0, |(_, e)| e);
-                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps.to_bits()];
+                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps];
                 let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
-                let dummy;
-                let g = match fusion.norm {
-                    Some((g, _)) => g,
-                    None => {
-                        dummy = step.ctx.dummy()?.clone();
-                        &dummy
-                    }
-                };
                 step.dispatch(
                     &gemv_kernel(m, cfg, w.dtype, fusion.norm.is_some(), fusion.accumulate),
                     &[x, &c.tensor, y, g],
@@ -795,7 +805,7 @@ fn gemm_checked(
                 )?;
             }
             MatmulPath::Skinny => {
-                let s = step.ctx.coop.map_or(16, |c| c.m);
+                let s = frag_size(step.ctx);
                 let limit = step.ctx.limits.max_compute_workgroup_storage_size;
                 let cfg = tuning.skinny.unwrap_or_else(|| {
                     SkinnyConfig::for_shape(s, m, w.n, fusion.norm.is_some(), limit)
@@ -806,25 +816,9 @@ fn gemm_checked(
                         format!("invalid skinny GEMM split {cfg:?} for M={m}"),
                     ));
                 }
-                let eps = fusion.norm.map_or(0.0, |(_, e)| e);
-                let params = [
-                    m as u32,
-                    n,
-                    k as u32,
-                    c.row_start as u32,
-                    w.n as u32,
-                    eps.to_bits(),
-                ];
+                let params = [m as u32, n, k as u32, c.row_start as u32, w.n as u32, eps];
                 let [gx, gy, _] = grid(step.ctx, c.rows.div_ceil((cfg.frags_n * s) as usize));
                 let groups = [gx, gy, SkinnyConfig::row_blocks(s, m)];
-                let dummy;
-                let g = match fusion.norm {
-                    Some((g, _)) => g,
-                    None => {
-                        dummy = step.ctx.dummy()?.clone();
-                        &dummy
-                    }
-                };
                 let kernel = skinny_kernel(
                     s,
                     m,
@@ -837,7 +831,7 @@ fn gemm_checked(
                 step.dispatch(&kernel, &[x, &c.tensor, y, g], &params, groups)?;
             }
             MatmulPath::Coop => {
-                let s = step.ctx.coop.map(|c| c.m).unwrap_or(16);
+                let s = frag_size(step.ctx);
                 let cfg = tuning.coop.unwrap_or(CoopConfig::for_device(step.ctx));
                 if !cfg.valid(s, step.ctx.limits.max_compute_workgroup_storage_size) {
                     return Err(shape_err(

@@ -40,8 +40,7 @@ const LDS: u32 = BK + PAD;
 const LDE: u32 = LDS / SHW;
 // Per lane and slice: vec4<f32> loads of x, vec4<u32> (8 halves) loads of W.
 const XL: u32 = MR * BK / 4u / 32u;
-const WL: u32 = max(BN * BK / 8u / 32u, 1u);
-const W_VECS: u32 = BN * BK / 8u;
+const WL: u32 = BN * BK / 8u / 32u;
 // x vectors per staged row, and the rows one load step of the subgroup covers.
 const XV: u32 = BK / 4u;
 const X_ROWS_PER_STEP: u32 = 32u / XV;
@@ -77,6 +76,24 @@ fn w_load(n: u32, k: u32) -> vec4<u32> {
         return w[(n * p.k + k) / 8u];
     }
     return vec4<u32>(0u);
+}
+
+// Global loads of this subgroup's slice at k0 into registers (zeros past the edges): x,
+// the norm weight (NORM) and W.
+fn load_slice(k0: u32, n0: u32, lane: u32, xr: ptr<function, array<vec4<f32>, XL>>,
+              nr: ptr<function, array<vec4<f32>, XL>>,
+              wr: ptr<function, array<vec4<u32>, WL>>) {
+    for (var j = 0u; j < XL; j++) {
+        let idx = lane + j * 32u;
+        (*xr)[j] = x_load(idx / XV, k0 + (idx % XV) * 4u);
+        if NORM {
+            (*nr)[j] = norm_load(k0 + (idx % XV) * 4u);
+        }
+    }
+    for (var j = 0u; j < WL; j++) {
+        let idx = lane + j * 32u;
+        (*wr)[j] = w_load(n0 + idx / (BK / 8u), k0 + (idx % (BK / 8u)) * 8u);
+    }
 }
 
 fn sync() {
@@ -115,21 +132,8 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     }
     let slices = (p.k + BK - 1u) / BK;
     let trips = (slices + NSG - 1u) / NSG;
-    // Loads of slice `t` of this subgroup into registers (zeros past the edges).
     var k0 = sg * BK;
-    for (var j = 0u; j < XL; j++) {
-        let idx = lane + j * 32u;
-        xr[j] = x_load(idx / XV, k0 + (idx % XV) * 4u);
-        if NORM {
-            nr[j] = norm_load(k0 + (idx % XV) * 4u);
-        }
-    }
-    for (var j = 0u; j < WL; j++) {
-        let idx = lane + j * 32u;
-        if idx < W_VECS {
-            wr[j] = w_load(n0 + idx / (BK / 8u), k0 + (idx % (BK / 8u)) * 8u);
-        }
-    }
+    load_slice(k0, n0, lane, &xr, &nr, &wr);
     for (var t = 0u; t < trips; t++) {
         for (var j = 0u; j < XL; j++) {
             let idx = lane + j * 32u;
@@ -142,27 +146,13 @@ fn gemm_skinny(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         }
         for (var j = 0u; j < WL; j++) {
             let idx = lane + j * 32u;
-            if idx < W_VECS {
-                stage_w(wb * SHW + (idx / (BK / 8u)) * LDS + (idx % (BK / 8u)) * 8u, wr[j]);
-            }
+            stage_w(wb * SHW + (idx / (BK / 8u)) * LDS + (idx % (BK / 8u)) * 8u, wr[j]);
         }
         sync();
         // The next slice's loads, in flight while this one multiplies.
         k0 += NSG * BK;
         if t + 1u < trips {
-            for (var j = 0u; j < XL; j++) {
-                let idx = lane + j * 32u;
-                xr[j] = x_load(idx / XV, k0 + (idx % XV) * 4u);
-                if NORM {
-                    nr[j] = norm_load(k0 + (idx % XV) * 4u);
-                }
-            }
-            for (var j = 0u; j < WL; j++) {
-                let idx = lane + j * 32u;
-                if idx < W_VECS {
-                    wr[j] = w_load(n0 + idx / (BK / 8u), k0 + (idx % (BK / 8u)) * 8u);
-                }
-            }
+            load_slice(k0, n0, lane, &xr, &nr, &wr);
         }
         for (var kk = 0u; kk < BK; kk += S) {
             let b0 = coopLoad<CB>(&ws[wb + kk / SHW], LDE);
