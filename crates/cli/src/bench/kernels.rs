@@ -46,6 +46,12 @@ pub struct Args {
     /// latency of a dependent chain, as in a decode step) instead of overlapping it.
     #[arg(long)]
     serial: bool,
+    /// Only time the matrix GEMM at M = --prefill-m, K = 2048 for N of 1 to 48 column
+    /// tiles, with the default tiles and with half-width ones, as dependent repetitions
+    /// (as --serial), and exit: the steps in time against the tile count show how many
+    /// workgroups run at once (a wave).
+    #[arg(long)]
+    wave_probe: bool,
 }
 
 const SWEEP: &[GemvConfig] = &[
@@ -217,6 +223,9 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     let ctx = GpuContext::new(opts)?;
     if args.dispatch_overhead {
         return dispatch_overhead(&ctx);
+    }
+    if args.wave_probe {
+        return wave_probe(&ctx, dtype, args.prefill_m, args.reps);
     }
     let cpu = ctx.info.device_type == wgpu::DeviceType::Cpu;
     let copy_bytes: u64 = if cpu { 64 << 20 } else { 1 << 30 };
@@ -530,6 +539,58 @@ fn small_row(name: &str, shape: String, t: f64, bytes: f64) -> Row {
 
 /// GPU time per tiny (one-workgroup, 4 KiB) copy dispatch, back to back in one pass: on
 /// distinct buffers (no barrier needed) and as a chain a -> b -> a (a barrier each).
+fn wave_probe(ctx: &GpuContext, dtype: DType, m: usize, reps: usize) -> Result<()> {
+    let Some(shape) = ctx.coop.filter(|_| ctx.subgroup_is(32)) else {
+        bail!("--wave-probe needs cooperative matrices and subgroups of 32");
+    };
+    let s = shape.m;
+    let k = 2048;
+    let wide = CoopConfig::for_device(ctx);
+    let narrow = CoopConfig { frags_n: 2, ..wide };
+    let max_tiles = 48;
+    let bytes = random_half_bytes(max_tiles * wide.tile_n(s) as usize * k, dtype, 11);
+    println!(
+        "{:>6} {:>6} {:>12} {:>10} {:>12} {:>10}",
+        "tiles", "wgs", "wide us", "TFLOP/s", "narrow us", "TFLOP/s"
+    );
+    let row_tiles = m.div_ceil(8 * s as usize);
+    for t in 1..=max_tiles {
+        let mut cols = Vec::new();
+        for c in [wide, narrow] {
+            let n = t * c.tile_n(s) as usize;
+            let w = Weight::upload(ctx, "probe", n, k, dtype, &bytes[..2 * n * k])?;
+            let mut rows = Vec::new();
+            let tuning = Tuning {
+                coop: Some(c),
+                ..Default::default()
+            };
+            let ws = std::slice::from_ref(&w);
+            bench_matmul(
+                ctx,
+                &mut rows,
+                "probe",
+                ws,
+                m,
+                MatmulPath::Coop,
+                tuning,
+                reps,
+                true,
+            )?;
+            cols.push((rows[0].us, rows[0].tflops.unwrap_or(0.0)));
+        }
+        println!(
+            "{:>6} {:>6} {:>12.1} {:>10.1} {:>12.1} {:>10.1}",
+            t,
+            t * row_tiles,
+            cols[0].0,
+            cols[0].1,
+            cols[1].0,
+            cols[1].1
+        );
+    }
+    Ok(())
+}
+
 fn dispatch_overhead(ctx: &GpuContext) -> Result<()> {
     let n = 256;
     let bufs: Vec<_> = (0..2 * n)

@@ -15,16 +15,21 @@ use crate::weight::Weight;
 
 const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
-const GEMM_COOP_SCALAR: &str = concat!(
-    wgsl!("gemm_coop_stage_scalar.wgsl"),
-    include_str!("wgsl/gemm_coop_dense.wgsl"),
-    include_str!("wgsl/gemm_coop.wgsl")
-);
-const GEMM_COOP_VEC: &str = concat!(
-    wgsl!("gemm_coop_stage_vec.wgsl"),
-    include_str!("wgsl/gemm_coop_dense.wgsl"),
-    include_str!("wgsl/gemm_coop.wgsl")
-);
+/// The dense matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
+macro_rules! gemm_coop {
+    ($stage:literal, $out:literal) => {
+        concat!(
+            wgsl!($stage),
+            include_str!($out),
+            include_str!("wgsl/gemm_coop_dense.wgsl"),
+            include_str!("wgsl/gemm_coop.wgsl")
+        )
+    };
+}
+const GEMM_COOP_SCALAR: &str = gemm_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_scalar.wgsl");
+const GEMM_COOP_VEC: &str = gemm_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_scalar.wgsl");
+const GEMM_COOP_SCALAR_Y4: &str = gemm_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_vec4.wgsl");
+const GEMM_COOP_VEC_Y4: &str = gemm_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_vec4.wgsl");
 const GEMM_SKINNY_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
     include_str!("wgsl/gemm_skinny.wgsl")
@@ -497,11 +502,13 @@ fn skinny_kernel(
         .coop()
 }
 
-fn coop_kernel(s: u32, dtype: DType, c: CoopConfig) -> Kernel {
-    let (name, src) = if c.vec_staging {
-        ("gemm_coop.wgsl+vec", GEMM_COOP_VEC)
-    } else {
-        ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR)
+/// `y4`: results stored as vec4<f32> (every row of y 16-byte aligned).
+fn coop_kernel(s: u32, dtype: DType, c: CoopConfig, y4: bool) -> Kernel {
+    let (name, src) = match (c.vec_staging, y4) {
+        (true, true) => ("gemm_coop.wgsl+vec+y4", GEMM_COOP_VEC_Y4),
+        (true, false) => ("gemm_coop.wgsl+vec", GEMM_COOP_VEC),
+        (false, true) => ("gemm_coop.wgsl+scalar+y4", GEMM_COOP_SCALAR_Y4),
+        (false, false) => ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR),
     };
     coop_base(name, src, s, dtype, c)
 }
@@ -604,15 +611,17 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
             for dt in [DType::F16, DType::BF16] {
-                let c = CoopConfig {
-                    sub_epilogue,
-                    ..CoopConfig::for_size(s)
-                };
-                v.push(coop_kernel(s, dt, c));
+                for y4 in [false, true] {
+                    let c = CoopConfig {
+                        sub_epilogue,
+                        ..CoopConfig::for_size(s)
+                    };
+                    v.push(coop_kernel(s, dt, c, y4));
+                }
             }
         }
         for c in CoopConfig::sweep(s, 48 * 1024) {
-            v.push(coop_kernel(s, DType::F16, c));
+            v.push(coop_kernel(s, DType::F16, c, true));
         }
         // The skinny GEMM: one to four fragments of rows, each fusion, both barriers.
         for m in [1, s as usize + 1, 3 * s as usize, 4 * s as usize] {
@@ -845,8 +854,10 @@ fn gemm_checked(
                     m.div_ceil(8 * s as usize) as u32,
                     1,
                 ];
+                // vec4 stores where every row of y starts 16-byte aligned.
+                let y4 = w.n.is_multiple_of(4) && c.row_start.is_multiple_of(4);
                 step.dispatch(
-                    &coop_kernel(s, w.dtype, cfg),
+                    &coop_kernel(s, w.dtype, cfg, y4),
                     &[x, &c.tensor, y],
                     &params,
                     groups,

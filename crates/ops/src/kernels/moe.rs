@@ -28,22 +28,27 @@ use crate::weight::Weight;
 const ROUTE: &str = concat!(wgsl!("moe_route.wgsl"), include_str!("wgsl/moe_topk.wgsl"));
 const GEMV: &str = concat!(
     wgsl!("moe_bindings.wgsl"),
+    include_str!("wgsl/y_scalar.wgsl"),
     include_str!("wgsl/moe_gemv.wgsl")
 );
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
 const DOWN_COMBINE: &str = wgsl!("moe_down_combine.wgsl");
-const COOP_SCALAR: &str = concat!(
-    wgsl!("gemm_coop_stage_scalar.wgsl"),
-    include_str!("wgsl/moe_bindings.wgsl"),
-    include_str!("wgsl/moe_coop.wgsl"),
-    include_str!("wgsl/gemm_coop.wgsl")
-);
-const COOP_VEC: &str = concat!(
-    wgsl!("gemm_coop_stage_vec.wgsl"),
-    include_str!("wgsl/moe_bindings.wgsl"),
-    include_str!("wgsl/moe_coop.wgsl"),
-    include_str!("wgsl/gemm_coop.wgsl")
-);
+/// The experts' matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
+macro_rules! moe_coop {
+    ($stage:literal, $out:literal) => {
+        concat!(
+            wgsl!($stage),
+            include_str!("wgsl/moe_bindings.wgsl"),
+            include_str!($out),
+            include_str!("wgsl/moe_coop.wgsl"),
+            include_str!("wgsl/gemm_coop.wgsl")
+        )
+    };
+}
+const COOP_SCALAR: &str = moe_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_scalar.wgsl");
+const COOP_VEC: &str = moe_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_scalar.wgsl");
+const COOP_SCALAR_Y4: &str = moe_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_vec4.wgsl");
+const COOP_VEC_Y4: &str = moe_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_vec4.wgsl");
 
 /// Most experts the routing kernel's counters hold.
 pub const MAX_EXPERTS: usize = 512;
@@ -273,11 +278,13 @@ fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: b
         .bool("NORM", norm)
 }
 
-fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool) -> Kernel {
-    let (name, src) = if s == 16 {
-        ("moe_coop.wgsl+vec", COOP_VEC)
-    } else {
-        ("moe_coop.wgsl+scalar", COOP_SCALAR)
+/// `y4`: results stored as vec4<f32> (without ACT, and rows of a multiple of 4).
+fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool, y4: bool) -> Kernel {
+    let (name, src) = match (s == 16, y4) {
+        (true, true) => ("moe_coop.wgsl+vec+y4", COOP_VEC_Y4),
+        (true, false) => ("moe_coop.wgsl+vec", COOP_VEC),
+        (false, true) => ("moe_coop.wgsl+scalar+y4", COOP_SCALAR_Y4),
+        (false, false) => ("moe_coop.wgsl+scalar", COOP_SCALAR),
     };
     matmul::coop_base(name, src, s, dtype, c)
         .u32("ACT", act as u32)
@@ -315,8 +322,9 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
                 sub_epilogue,
                 ..CoopConfig::for_size(s)
             };
-            v.push(coop_kernel(s, c, DType::F16, true, true));
-            v.push(coop_kernel(s, c, DType::BF16, false, false));
+            v.push(coop_kernel(s, c, DType::F16, true, true, false));
+            v.push(coop_kernel(s, c, DType::BF16, false, false, false));
+            v.push(coop_kernel(s, c, DType::F16, false, true, true));
         }
     }
     for (mt, dt, act) in [
@@ -510,7 +518,14 @@ fn grouped(
             }
             let c = CoopConfig::for_device(step.ctx);
             (
-                coop_kernel(s, c, w.dtype, act, gather),
+                coop_kernel(
+                    s,
+                    c,
+                    w.dtype,
+                    act,
+                    gather,
+                    !act && rows_per_expert.is_multiple_of(4),
+                ),
                 rows_per_expert.div_ceil(c.tile_n(s) as usize),
             )
         }

@@ -1,5 +1,6 @@
 // Front of gemm_coop.wgsl for plain matrices: y[m, n_offset + n] = sum_k x[m, k] W[n, k],
-// workgroup (x, y) = (column tile, row tile); M and N edges bounds-checked.
+// workgroup (x, y) = (column tile, row tile); M and N edges bounds-checked. Results go
+// through put4 / put1 (y_vec4.wgsl or y_scalar.wgsl).
 struct Params {
     m: u32,
     n: u32,
@@ -11,7 +12,6 @@ var<immediate> p: Params;
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
 var<private> m0: u32;
 
@@ -40,13 +40,10 @@ fn emit4(r: u32, n: u32, i: u32) {
     }
     let o = (m0 + r) * p.ldy + p.n_offset + n;
     if n + 3u < p.n {
-        y[o] = cs[i];
-        y[o + 1u] = cs[i + 1u];
-        y[o + 2u] = cs[i + 2u];
-        y[o + 3u] = cs[i + 3u];
+        put4(o, vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]));
         return;
     }
     for (var j = 0u; n + j < p.n; j++) {
-        y[o + j] = cs[i + j];
+        put1(o + j, cs[i + j]);
     }
 }

@@ -1,6 +1,6 @@
 // Immediates and bindings of the grouped expert GEMMs (moe_gemv.wgsl, moe_coop.wgsl): this
 // dispatch's weight chunk holds experts [e0, e0 + e_count), n rows of k each; tiles and
-// sorted come from moe_route.wgsl.
+// sorted come from moe_route.wgsl. y (binding 2): y_scalar.wgsl or y_vec4.wgsl.
 struct Params {
     n: u32,
     k: u32,
@@ -13,6 +13,5 @@ var<immediate> p: Params;
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> tiles: array<u32>;
 @group(0) @binding(4) var<storage, read> sorted: array<u32>;

@@ -46,11 +46,13 @@ fn emit4(r: u32, n: u32, i: u32) {
         // Gate and up columns are adjacent (even, odd) in the same fragment row.
         for (var j = 0u; j < 4u && n + j < p.n; j += 2u) {
             let g = cs[i + j];
-            y[row * (p.n / 2u) + (n + j) / 2u] = g / (1.0 + exp(-g)) * cs[i + j + 1u];
+            put1(row * (p.n / 2u) + (n + j) / 2u, g / (1.0 + exp(-g)) * cs[i + j + 1u]);
         }
+    } else if n + 3u < p.n {
+        put4(row * p.n + n, vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]));
     } else {
-        for (var j = 0u; j < 4u && n + j < p.n; j++) {
-            y[row * p.n + n + j] = cs[i + j];
+        for (var j = 0u; n + j < p.n; j++) {
+            put1(row * p.n + n + j, cs[i + j]);
         }
     }
 }
