@@ -56,6 +56,10 @@ pub struct Args {
     /// Turn automatic prefix caching off.
     #[arg(long)]
     no_enable_prefix_caching: bool,
+    /// Record each decode step only after the previous one's tokens are back (async
+    /// scheduling, on by default, records the next step while the GPU runs this one).
+    #[arg(long)]
+    no_async_scheduling: bool,
     /// A file with one prompt per line (added after the prompts given as arguments).
     #[arg(long)]
     prompts_file: Option<String>,
@@ -83,6 +87,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         // No more sequences than prompts: the KV cache is sized for them.
         max_num_seqs: args.max_num_seqs.min(prompts.len()),
         enable_prefix_caching: !args.no_enable_prefix_caching,
+        async_scheduling: !args.no_async_scheduling,
         load_format: args.load_format.clone(),
         seed: args.seed.unwrap_or(0),
         ..EngineArgs::default()

@@ -39,6 +39,10 @@ pub struct Args {
     /// Turn prefix caching off.
     #[arg(long)]
     no_enable_prefix_caching: bool,
+    /// Record each decode step only after the previous one's tokens are back (async
+    /// scheduling, on by default, records the next step while the GPU runs this one).
+    #[arg(long)]
+    no_async_scheduling: bool,
     #[arg(long, default_value = "auto")]
     load_format: String,
     /// A Jinja chat template (a file, or the template itself) replacing the model's.
@@ -62,6 +66,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         enable_prefix_caching: args.enable_prefix_caching && !args.no_enable_prefix_caching,
+        async_scheduling: !args.no_async_scheduling,
         load_format: args.load_format.clone(),
         seed: args.seed,
         num_gpu_blocks_override: args.num_gpu_blocks_override,

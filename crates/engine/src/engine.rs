@@ -16,19 +16,20 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use vllm_apple_model::decoder::DecoderModel;
+use vllm_apple_model::runner::HOLD_WAIT_SECONDS;
 use vllm_apple_model::tokenizer::GgufTokenizer;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
 use vllm_apple_ops::kernels::logprobs::{self, LogprobRequest};
 use vllm_apple_ops::kernels::sample::{self, RowSampling};
 use vllm_apple_ops::kv_cache::KvCache;
 use vllm_apple_ops::recorder::Readback;
-use vllm_apple_ops::{DType, GpuContext, OpsError, Step};
+use vllm_apple_ops::{DType, GpuContext, OpsError, Step, SubmissionIndex, Tensor};
 
 use crate::detokenizer::Detokenizer;
 use crate::kv_manager::{KvCacheManager, PrefixCacheStats, ReqId};
 use crate::params::{FinishReason, SamplingParams, StopReason, MIN_TEMPERATURE};
 use crate::sampler::{self, SeqSampling, TokenLogprob};
-use crate::scheduler::{Scheduler, SchedulerConfig, SeqTokens};
+use crate::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqTokens};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -114,6 +115,9 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     pub seed: u64,
     pub attention: AttentionOptions,
+    /// Record and submit the next decode step before this one's tokens are read back
+    /// (`LLMEngine::step`).
+    pub async_scheduling: bool,
 }
 
 struct Sequence {
@@ -152,6 +156,8 @@ pub struct EngineStats {
     pub generation_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Steps launched ahead of the host (async scheduling), among `steps`.
+    pub steps_ahead: u64,
     /// Seconds of the steps so far: the host before submitting (scheduling, batch layout,
     /// uploads, recording), inside `queue.submit` and waiting for the GPU, and the host
     /// after (read-back, detokenizing, stop checks, outputs).
@@ -174,9 +180,14 @@ pub struct LLMEngine {
     by_external: HashMap<String, ReqId>,
     next_id: ReqId,
     stats: EngineStats,
-    /// Host-readable copy of the sampled ids, reused while the row count stays (a new
-    /// mappable buffer per step costs a driver allocation).
-    ids_readback: Option<Readback>,
+    /// Host-readable buffers for the sampled ids, reused by row count (a new mappable
+    /// buffer per step costs a driver allocation); two are in use while a step runs ahead.
+    readbacks: Vec<Readback>,
+    /// The step run ahead of the host (`step`), if any.
+    in_flight: Option<Launched>,
+    /// The last read-back waited on the GPU (more than `HOLD_WAIT_SECONDS`): a step run
+    /// ahead goes in one submission, since the GPU is still busy with the one before.
+    gpu_bound: bool,
 }
 
 impl LLMEngine {
@@ -221,7 +232,9 @@ impl LLMEngine {
             by_external: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
-            ids_readback: None,
+            readbacks: Vec::new(),
+            in_flight: None,
+            gpu_bound: false,
             ctx,
             model,
             tokenizer,
@@ -432,27 +445,121 @@ impl LLMEngine {
 
     /// Runs one step; returns the outputs of requests that progressed (cumulative), the
     /// finished ones last time they appear.
+    ///
+    /// With `async_scheduling`, a step of decodes only also records and submits the next
+    /// step before it reads its own tokens back (vLLM's async scheduling): the next step's
+    /// input ids are this step's sampled ids, still on the GPU, so the host's batch layout
+    /// and recording overlap the GPU's work. That step runs one token ahead of what the
+    /// host knows; it is only launched where its batch is certain (`run_ahead`), and the
+    /// rows of sequences that stopped in between are dropped when it is read.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
-        let t0 = std::time::Instant::now();
-        let sched = self
-            .scheduler
-            .schedule(&mut self.tokens, &mut self.kv_manager);
-        if sched.seqs.is_empty() {
-            return Ok(Vec::new());
+        let t0 = Instant::now();
+        // A step in flight whose sequences all ended (aborted, or stopped a step before)
+        // is dropped unread.
+        let in_flight = self.in_flight.take().filter(|l| {
+            l.seqs
+                .iter()
+                .any(|sc| self.seqs.get(&sc.id).is_some_and(|s| s.finish.is_none()))
+        });
+        let cur = match in_flight {
+            Some(l) => l,
+            None => {
+                let sched = self
+                    .scheduler
+                    .schedule(&mut self.tokens, &mut self.kv_manager);
+                if sched.seqs.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.stats.prepare_seconds += t0.elapsed().as_secs_f64();
+                self.launch(sched.seqs, None)?
+            }
+        };
+        if self.cfg.async_scheduling {
+            if let Some(next) = self.run_ahead(&cur) {
+                let ids = cur.ids.clone();
+                match self.launch(next, ids) {
+                    Ok(l) => {
+                        self.stats.steps_ahead += 1;
+                        self.in_flight = Some(l);
+                    }
+                    // The synchronous path of the next step meets the same error and
+                    // reports it there, after this step's tokens are out.
+                    Err(e) => tracing::warn!("running a step ahead: {e}"),
+                }
+            }
         }
+        self.finish(cur)
+    }
+
+    /// The decode step that follows `cur`, where it is certain whatever `cur` samples:
+    /// every running sequence is in `cur` and samples there, none waits for admission, none
+    /// is at a length limit, no request needs its tokens on the host to build the step
+    /// (repetition penalties, logits on the host, prompt logprobs), and the cache has a
+    /// slot for each next token (allocated here). `None` otherwise.
+    fn run_ahead(&mut self, cur: &Launched) -> Option<Vec<Scheduled>> {
+        let n = cur.seqs.len();
+        let waiting = self.scheduler.num_waiting() > 0 && n < self.cfg.max_num_seqs;
+        if waiting
+            || cur.ids.is_none()
+            || !cur.prompt_rows.is_empty()
+            || cur.sample_rows.len() != n
+            || self.scheduler.num_running() != n
+            || n > self.cfg.max_num_batched_tokens
+        {
+            return None;
+        }
+        let mut next = Vec::with_capacity(n);
+        for sc in &cur.seqs {
+            let seq = self.seqs.get(&sc.id)?;
+            let p = &seq.params;
+            // Tokens once `cur`'s is in, and generated ones among them.
+            let len = sc.num_computed + sc.num_new + 1;
+            if seq.finish.is_some()
+                || p.needs_logits()
+                || p.has_penalties()
+                || p.max_tokens.is_some_and(|m| len - seq.prompt_len >= m)
+                || len >= self.cfg.max_model_len
+            {
+                return None;
+            }
+            next.push(Scheduled {
+                id: sc.id,
+                num_computed: len - 1,
+                num_new: 1,
+            });
+        }
+        for sc in &next {
+            if !self.kv_manager.allocate(sc.id, sc.num_computed + 1, &[]) {
+                return None;
+            }
+        }
+        Some(next)
+    }
+
+    /// Lays out, records and submits one step over `seqs`. `ahead`: the step runs ahead of
+    /// the host (`run_ahead`), its input ids (one per sequence) are these sampled ids on
+    /// the GPU and every sequence samples; otherwise the ids are the host's tokens.
+    fn launch(
+        &mut self,
+        seqs: Vec<Scheduled>,
+        ahead: Option<Tensor>,
+    ) -> Result<Launched, EngineError> {
+        let started = Instant::now();
         self.stats.steps += 1;
-        // Lay out the batch.
-        let mut ids = Vec::with_capacity(sched.num_tokens());
-        let mut slices = Vec::with_capacity(sched.seqs.len());
+        let mut ids = Vec::with_capacity(seqs.iter().map(|s| s.num_new).sum());
         // (sequence, batch row of its last token) for sequences that complete their tokens.
         let mut sample_rows: Vec<(ReqId, usize)> = Vec::new();
         // (request, prompt position p, batch row of token p) for prompt logprobs of p + 1.
         let mut prompt_rows: Vec<(ReqId, usize, usize)> = Vec::new();
         let mut offset = 0;
-        for sc in &sched.seqs {
+        for sc in &seqs {
+            if ahead.is_some() {
+                sample_rows.push((sc.id, offset));
+                offset += 1;
+                continue;
+            }
             let toks = &self.tokens[&sc.id];
             ids.extend_from_slice(&toks.tokens[sc.num_computed..sc.num_computed + sc.num_new]);
-            slices.push((sc.id, sc.num_computed, sc.num_new));
             if sc.num_computed + sc.num_new == toks.tokens.len() {
                 sample_rows.push((sc.id, offset + sc.num_new - 1));
             }
@@ -465,17 +572,19 @@ impl LLMEngine {
             }
             offset += sc.num_new;
         }
-        let tables: Vec<&[u32]> = slices
+        let num_tokens = offset;
+        let is_ahead = ahead.is_some();
+        let tables: Vec<&[u32]> = seqs
             .iter()
-            .map(|(id, _, _)| self.kv_manager.blocks_of(*id))
+            .map(|sc| self.kv_manager.blocks_of(sc.id))
             .collect();
-        let seq_slices: Vec<SeqSlice> = slices
+        let seq_slices: Vec<SeqSlice> = seqs
             .iter()
             .zip(&tables)
-            .map(|((_, cached, new), table)| SeqSlice {
+            .map(|(sc, table)| SeqSlice {
                 block_table: table,
-                num_cached: *cached,
-                num_new: *new,
+                num_cached: sc.num_computed,
+                num_new: sc.num_new,
             })
             .collect();
         let ctx = &*self.ctx;
@@ -489,34 +598,36 @@ impl LLMEngine {
             .collect();
         // The token ids and the logit rows (the last token where none is sampled: its
         // logits are computed and unused) in one upload.
-        let last = [(ids.len() - 1) as u32];
+        let last = [(num_tokens - 1) as u32];
         let logit_rows: &[u32] = if rows.is_empty() { &last } else { &rows };
-        let [ids_t, rows_t] = ctx.upload_packed([
-            (&[ids.len()], DType::U32, &ids),
-            (&[logit_rows.len()], DType::U32, logit_rows),
-        ])?;
+        let (ids_t, rows_t) = match ahead {
+            Some(t) => (t, ctx.upload_u32(&[logit_rows.len()], logit_rows)?),
+            None => {
+                let [ids_t, rows_t] = ctx.upload_packed([
+                    (&[ids.len()], DType::U32, &ids),
+                    (&[logit_rows.len()], DType::U32, logit_rows),
+                ])?;
+                (ids_t, rows_t)
+            }
+        };
         let mut step = Step::new(ctx);
+        // Early partial submissions only let the GPU start sooner when it is idle; behind
+        // a busy GPU each costs it a gap between parts.
+        if is_ahead && self.gpu_bound {
+            step.hold_parts();
+        }
         let mut gpu_logprobs: Option<(logprobs::Logprobs, Vec<usize>)> = None;
-        let (logits, argmax_ids) = if rows.is_empty() {
-            let dummy = rows_t;
-            self.model.forward(
-                &mut step,
-                &ids_t,
-                &meta,
-                &self.kv,
-                &dummy,
-                &self.cfg.attention,
-            )?;
+        let logits = self.model.forward(
+            &mut step,
+            &ids_t,
+            &meta,
+            &self.kv,
+            &rows_t,
+            &self.cfg.attention,
+        )?;
+        let (logits, sampled) = if rows.is_empty() {
             (None, None)
         } else {
-            let logits = self.model.forward(
-                &mut step,
-                &ids_t,
-                &meta,
-                &self.kv,
-                &rows_t,
-                &self.cfg.attention,
-            )?;
             // Per sampled row: its logits processing, its draw (greedy rows and rows the
             // host samples take the argmax, unused for the latter, as for the
             // prompt-logprob rows), and whether it wants logprobs (of the raw logits,
@@ -536,12 +647,22 @@ impl LLMEngine {
                     row_sampling.push(RowSampling::GREEDY);
                     continue;
                 }
+                let output = &toks.tokens[seq.prompt_len..];
+                // Ahead of the host, the previous step's token is not here yet; without
+                // penalties (`run_ahead`) only the output's length matters (min_tokens).
+                let pending;
+                let output = if is_ahead {
+                    pending = vec![0; output.len() + 1];
+                    &pending[..]
+                } else {
+                    output
+                };
                 adjust.extend(sampler::logit_adjustments(
                     row as u32,
                     vocab,
                     &seq.params,
                     &toks.tokens[..seq.prompt_len],
-                    &toks.tokens[seq.prompt_len..],
+                    output,
                     eos,
                 ));
                 if let Some(n) = seq.params.logprobs {
@@ -578,33 +699,67 @@ impl LLMEngine {
             }
             (Some(logits), Some(out))
         };
-        if let Some(out) = &argmax_ids {
-            let n = out.nbytes() as usize;
-            if self.ids_readback.as_ref().map(Readback::len) != Some(n) {
-                self.ids_readback = Some(Readback::new(ctx, n));
+        let readback = match &sampled {
+            Some(out) => {
+                let n = out.nbytes() as usize;
+                let rb = match self.readbacks.iter().position(|r| r.len() == n) {
+                    Some(i) => self.readbacks.swap_remove(i),
+                    None => Readback::new(ctx, n),
+                };
+                step.readback_into(out, &rb)?;
+                Some(rb)
             }
-            if let Some(rb) = &self.ids_readback {
-                step.readback_into(out, rb)?;
-            }
-        }
-        let t1 = std::time::Instant::now();
+            None => None,
+        };
+        let submitted = Instant::now();
         let idx = step.submit()?;
-        let gpu_ids: Vec<u32> = match (&argmax_ids, &self.ids_readback) {
-            (Some(_), Some(rb)) => rb
-                .read(ctx, idx)?
+        self.stats.prepare_seconds += (submitted - started).as_secs_f64();
+        self.stats.gpu_seconds += submitted.elapsed().as_secs_f64();
+        Ok(Launched {
+            seqs,
+            sample_rows,
+            prompt_rows,
+            logits,
+            ids: sampled,
+            gpu_logprobs,
+            readback,
+            idx,
+        })
+    }
+
+    /// Waits for a launched step's results and processes them: progress and prefix-cache
+    /// registration, prompt logprobs, the sampled tokens (detokenized, checked against the
+    /// stop conditions), finished sequences freed; returns the outputs.
+    fn finish(&mut self, l: Launched) -> Result<Vec<RequestOutput>, EngineError> {
+        let ctx = &*self.ctx;
+        let t1 = Instant::now();
+        let gpu_ids: Vec<u32> = match &l.readback {
+            Some(rb) => rb
+                .read(ctx, l.idx)?
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            _ => {
+            None => {
                 ctx.wait_idle()?;
                 Vec::new()
             }
         };
-        let t2 = std::time::Instant::now();
-        self.stats.prepare_seconds += (t1 - t0).as_secs_f64();
+        if let Some(rb) = l.readback {
+            self.readbacks.push(rb);
+        }
+        let t2 = Instant::now();
         self.stats.gpu_seconds += (t2 - t1).as_secs_f64();
+        self.gpu_bound = (t2 - t1).as_secs_f64() > HOLD_WAIT_SECONDS;
+        // Sequences still going (a step run ahead may hold rows of ones that stopped
+        // since it was launched: those rows are dropped).
+        let live = |seqs: &HashMap<ReqId, Sequence>, id: &ReqId| {
+            seqs.get(id).is_some_and(|s| s.finish.is_none())
+        };
         // Progress and prefix-cache registration for every scheduled sequence.
-        for sc in &sched.seqs {
+        for sc in &l.seqs {
+            if !live(&self.seqs, &sc.id) {
+                continue;
+            }
             let computed = sc.num_computed + sc.num_new;
             if let Some(t) = self.tokens.get_mut(&sc.id) {
                 t.num_computed = computed;
@@ -613,27 +768,27 @@ impl LLMEngine {
             }
         }
         let mut row_logprobs: HashMap<usize, logprobs::RowLogprobs> = HashMap::new();
-        if let Some((lp, lp_rows)) = &gpu_logprobs {
+        if let Some((lp, lp_rows)) = &l.gpu_logprobs {
             row_logprobs.extend(lp_rows.iter().copied().zip(logprobs::read(ctx, lp)?));
         }
-        let needs_logits = !prompt_rows.is_empty()
-            || sample_rows
+        let needs_logits = !l.prompt_rows.is_empty()
+            || l.sample_rows
                 .iter()
-                .any(|(id, _)| self.seqs[id].params.needs_logits());
+                .any(|(id, _)| self.seqs.get(id).is_some_and(|s| s.params.needs_logits()));
         let vocab = self.model.cfg.vocab;
-        let host_logits = match (&logits, needs_logits) {
-            (Some(l), true) => Some(l.to_f32_vec(ctx)?),
+        let host_logits = match (&l.logits, needs_logits) {
+            (Some(t), true) => Some(t.to_f32_vec(ctx)?),
             _ => None,
         };
         // Prompt logprobs.
-        for (k, &(rid, p, _)) in prompt_rows.iter().enumerate() {
-            let row = sample_rows.len() + k;
-            let (Some(l), Some(req)) = (&host_logits, self.requests.get_mut(&rid)) else {
+        for (k, &(rid, p, _)) in l.prompt_rows.iter().enumerate() {
+            let row = l.sample_rows.len() + k;
+            let (Some(logits), Some(req)) = (&host_logits, self.requests.get_mut(&rid)) else {
                 continue;
             };
             let n = req.prompt_logprobs_n.unwrap_or(0);
             let next = req.prompt_ids[p + 1];
-            let (own, top) = sampler::logprobs_of(&l[row * vocab..(row + 1) * vocab], next, n);
+            let (own, top) = sampler::logprobs_of(&logits[row * vocab..(row + 1) * vocab], next, n);
             if let Some(v) = req.prompt_logprobs.as_mut() {
                 v.push(Some(PositionLogprobs { token: own, top }));
             }
@@ -641,14 +796,17 @@ impl LLMEngine {
         // Sample, detokenize, check stops.
         let eos = self.eos();
         let mut touched: Vec<ReqId> = Vec::new();
-        for (row, &(id, _)) in sample_rows.iter().enumerate() {
+        for (row, &(id, _)) in l.sample_rows.iter().enumerate() {
+            if !live(&self.seqs, &id) {
+                continue;
+            }
             let (Some(seq), Some(toks)) = (self.seqs.get_mut(&id), self.tokens.get_mut(&id)) else {
                 continue;
             };
             let (token, lp) = if seq.params.needs_logits() {
-                let Some(l) = &host_logits else { continue };
+                let Some(logits) = &host_logits else { continue };
                 let s = sampler::sample(
-                    &l[row * vocab..(row + 1) * vocab],
+                    &logits[row * vocab..(row + 1) * vocab],
                     &seq.params,
                     &toks.tokens[..seq.prompt_len],
                     &toks.tokens[seq.prompt_len..],
@@ -687,7 +845,8 @@ impl LLMEngine {
             }
         }
         // Free finished sequences; emit outputs.
-        let finished: Vec<ReqId> = sample_rows
+        let finished: Vec<ReqId> = l
+            .sample_rows
             .iter()
             .map(|(id, _)| *id)
             .filter(|id| self.seqs.get(id).is_some_and(|s| s.finish.is_some()))
@@ -708,6 +867,22 @@ impl LLMEngine {
         self.stats.finish_seconds += t2.elapsed().as_secs_f64();
         Ok(outs)
     }
+}
+
+/// A step recorded and submitted, waiting for its results.
+struct Launched {
+    seqs: Vec<Scheduled>,
+    /// (sequence, batch row of its last token) for sequences that sample a token.
+    sample_rows: Vec<(ReqId, usize)>,
+    /// (request, prompt position p, batch row of token p) for prompt logprobs of p + 1.
+    prompt_rows: Vec<(ReqId, usize, usize)>,
+    logits: Option<Tensor>,
+    /// The sampled ids, one per sample row, on the GPU (the input of a step run ahead).
+    ids: Option<Tensor>,
+    gpu_logprobs: Option<(logprobs::Logprobs, Vec<usize>)>,
+    /// Host-readable copy of `ids`.
+    readback: Option<Readback>,
+    idx: SubmissionIndex,
 }
 
 /// The stop conditions, in vLLM's order: stop strings (trimming the text), eos, stop token

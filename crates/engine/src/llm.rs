@@ -34,6 +34,9 @@ pub struct EngineArgs {
     pub block_size: usize,
     /// Use exactly this many KV blocks instead of sizing from memory (tests, tuning).
     pub num_gpu_blocks_override: Option<usize>,
+    /// Record the next decode step while the GPU runs this one (`LLMEngine::step`); on
+    /// by default (vLLM's `async_scheduling`, off there by default).
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineArgs {
@@ -51,6 +54,7 @@ impl Default for EngineArgs {
             seed: 0,
             block_size: 16,
             num_gpu_blocks_override: None,
+            async_scheduling: true,
         }
     }
 }
@@ -132,6 +136,7 @@ impl EngineArgs {
                 enable_prefix_caching: self.enable_prefix_caching,
                 seed: self.seed,
                 attention: AttentionOptions::from_env()?,
+                async_scheduling: self.async_scheduling,
             },
         )
     }

@@ -321,6 +321,99 @@ fn gpu_sampled_requests_reproduce_whatever_the_batch() {
 }
 
 #[test]
+fn async_scheduling_gives_the_same_outputs() {
+    // Requests joining and leaving, greedy and seeded draws, a stop token and a stop
+    // string met mid-run (so steps run ahead of the host are thrown away), min_tokens,
+    // logprobs, n = 2: the same tokens, text and logprobs as recording each step after the
+    // last one's tokens are back, and no block left.
+    let ps = prompts(12, 21);
+    let probe = {
+        let mut m = llm(|a| a.async_scheduling = false);
+        m.generate(
+            ps.iter().cloned().map(Prompt::Ids).collect(),
+            &vec![greedy(12); ps.len()],
+        )
+        .unwrap()
+    };
+    let params: Vec<SamplingParams> = (0..ps.len())
+        .map(|i| {
+            let free = &probe[i].outputs[0];
+            match i % 5 {
+                0 => greedy(4 + i),
+                1 => SamplingParams {
+                    stop_token_ids: vec![free.token_ids[4]],
+                    ..greedy(12)
+                },
+                // Few candidates: the draw depends on the uniform each step takes, not on
+                // rounding that differs with the batch's make-up (a near-uniform random
+                // model's top-p draw would).
+                2 => SamplingParams {
+                    temperature: 0.7,
+                    top_k: 5,
+                    seed: Some(i as u64),
+                    n: 2,
+                    ..greedy(10)
+                },
+                3 => SamplingParams {
+                    logprobs: Some(3),
+                    min_tokens: 5,
+                    stop_token_ids: vec![free.token_ids[1]],
+                    ..greedy(9)
+                },
+                _ => SamplingParams {
+                    stop: vec![free.text.chars().skip(3).take(2).collect()],
+                    ..greedy(12)
+                },
+            }
+        })
+        .collect();
+    let run = |on: bool| {
+        let mut m = llm(|a| a.async_scheduling = on);
+        let out = staggered(&mut m, &ps, &params);
+        (out, m.engine.stats().steps_ahead)
+    };
+    let (on, ahead) = run(true);
+    let (off, none) = run(false);
+    assert!(ahead > 0, "no step ran ahead");
+    assert_eq!(none, 0);
+    for i in 0..ps.len() {
+        let id = format!("r{i}");
+        let (a, b) = (&on[&id], &off[&id]);
+        assert_eq!(a.outputs.len(), b.outputs.len(), "request {i}");
+        for (x, y) in a.outputs.iter().zip(&b.outputs) {
+            assert_eq!(x.token_ids, y.token_ids, "request {i}");
+            assert_eq!(x.text, y.text, "request {i}");
+            assert_eq!(x.finish_reason, y.finish_reason, "request {i}");
+            assert_eq!(x.stop_reason, y.stop_reason, "request {i}");
+            assert_eq!(
+                x.logprobs.as_ref().map(|v| v.len()),
+                y.logprobs.as_ref().map(|v| v.len()),
+                "request {i}"
+            );
+            if let (Some(u), Some(v)) = (&x.logprobs, &y.logprobs) {
+                for (p, q) in u.iter().zip(v) {
+                    assert_eq!(p.token.token, q.token.token, "request {i}");
+                    // Batches of other sizes take other GEMM paths (other rounding).
+                    let d = (p.token.logprob - q.token.logprob).abs();
+                    assert!(d < 2e-3, "request {i}: logprobs {d} apart");
+                }
+            }
+        }
+    }
+    // The stops were met: some requests ended early, by token and by text.
+    let reasons: Vec<_> = on
+        .values()
+        .flat_map(|o| o.outputs.iter().map(|c| c.stop_reason.clone()))
+        .collect();
+    assert!(reasons
+        .iter()
+        .any(|r| matches!(r, Some(StopReason::Token(_)))));
+    assert!(reasons
+        .iter()
+        .any(|r| matches!(r, Some(StopReason::Text(_)))));
+}
+
+#[test]
 fn stop_strings_tokens_and_min_tokens() {
     let mut m = llm(|_| {});
     let p = prompts(1, 4).remove(0);

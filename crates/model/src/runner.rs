@@ -102,7 +102,7 @@ fn one_step(
 
 /// A pipelined decode submits each step whole once the host waits this long for the
 /// previous step's token (the GPU is the bound).
-const HOLD_WAIT_SECONDS: f64 = 200e-6;
+pub const HOLD_WAIT_SECONDS: f64 = 200e-6;
 
 /// Greedy decode with step N + 1 recorded and submitted before step N's id is read back:
 /// the next step's input is step N's argmax, still on the GPU, so host recording overlaps

@@ -19,3 +19,5 @@ pub use pipeline::Kernel;
 pub use recorder::Step;
 pub use tensor::Tensor;
 pub use weight::Weight;
+/// A queue submission, for waiting on one step's results (`recorder::Readback::read`).
+pub use wgpu::SubmissionIndex;

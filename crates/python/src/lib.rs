@@ -352,7 +352,7 @@ impl Llm {
     #[pyo3(signature = (model, tokenizer=None, dtype="auto", max_model_len=None,
         gpu_memory_utilization=0.9, max_num_seqs=256, max_num_batched_tokens=None,
         enable_prefix_caching=true, load_format="auto", seed=0, block_size=16,
-        num_gpu_blocks_override=None, **_kwargs))]
+        num_gpu_blocks_override=None, async_scheduling=true, **_kwargs))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -368,6 +368,7 @@ impl Llm {
         seed: u64,
         block_size: usize,
         num_gpu_blocks_override: Option<usize>,
+        async_scheduling: bool,
         _kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let args = EngineArgs {
@@ -383,6 +384,7 @@ impl Llm {
             seed,
             block_size,
             num_gpu_blocks_override,
+            async_scheduling,
         };
         let inner = py
             .detach(|| vllm_apple_engine::LLM::new(args))

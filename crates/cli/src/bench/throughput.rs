@@ -50,6 +50,9 @@ pub struct Args {
     /// Logprobs per token (the raw logits rows come back and the host samples).
     #[arg(long)]
     logprobs: Option<usize>,
+    /// Record each decode step only after the previous one's tokens are back.
+    #[arg(long)]
+    no_async_scheduling: bool,
 }
 
 pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
@@ -68,6 +71,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             max_model_len: Some(len + 1),
             max_num_seqs: max_batch,
             num_gpu_blocks_override: Some(blocks),
+            async_scheduling: !args.no_async_scheduling,
             ..EngineArgs::default()
         }
         .build(ctx.clone())?,
@@ -80,7 +84,14 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             };
             let cfg = ModelConfig::from_hf_config(&std::fs::read_to_string(path)?)?;
             let model = DecoderModel::dummy(&ctx, cfg, dtype, 1)?;
-            dummy_engine(ctx.clone(), model, len + 1, max_batch, blocks)?
+            dummy_engine(
+                ctx.clone(),
+                model,
+                len + 1,
+                max_batch,
+                blocks,
+                !args.no_async_scheduling,
+            )?
         }
         _ => bail!("give --model PATH or --config config.json"),
     };
@@ -194,6 +205,7 @@ fn dummy_engine(
     max_model_len: usize,
     max_batch: usize,
     blocks: usize,
+    async_scheduling: bool,
 ) -> Result<LLMEngine> {
     Ok(LLMEngine::new(
         ctx,
@@ -208,6 +220,7 @@ fn dummy_engine(
             enable_prefix_caching: false,
             seed: 0,
             attention: AttentionOptions::from_env()?,
+            async_scheduling,
         },
     )?)
 }
