@@ -648,10 +648,11 @@ impl LLMEngine {
                     continue;
                 }
                 let output = &toks.tokens[seq.prompt_len..];
-                // Ahead of the host, the previous step's token is not here yet; without
-                // penalties (`run_ahead`) only the output's length matters (min_tokens).
+                // Ahead of the host, the previous step's token is not here yet. Without
+                // penalties (`run_ahead`) only the output's length matters, and only while
+                // it is below min_tokens.
                 let pending;
-                let output = if is_ahead {
+                let output = if is_ahead && output.len() < seq.params.min_tokens {
                     pending = vec![0; output.len() + 1];
                     &pending[..]
                 } else {
@@ -796,6 +797,7 @@ impl LLMEngine {
         // Sample, detokenize, check stops.
         let eos = self.eos();
         let mut touched: Vec<ReqId> = Vec::new();
+        let mut finished: Vec<ReqId> = Vec::new();
         for (row, &(id, _)) in l.sample_rows.iter().enumerate() {
             if !live(&self.seqs, &id) {
                 continue;
@@ -837,6 +839,9 @@ impl LLMEngine {
                 }
             }
             seq.finish = check_stop(seq, &toks.tokens, token, eos, self.cfg.max_model_len);
+            if seq.finish.is_some() {
+                finished.push(id);
+            }
             touched.push(seq.request);
             if let Some(r) = self.requests.get_mut(&seq.request) {
                 if r.first_token.is_none() {
@@ -844,13 +849,7 @@ impl LLMEngine {
                 }
             }
         }
-        // Free finished sequences; emit outputs.
-        let finished: Vec<ReqId> = l
-            .sample_rows
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| self.seqs.get(id).is_some_and(|s| s.finish.is_some()))
-            .collect();
+        // Free the sequences that finished here; emit outputs.
         for id in finished {
             self.release(id);
         }

@@ -275,7 +275,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         let w = &w[..];
         for &m in &args.decode_m {
             let matrices = ctx.coop.is_some() && ctx.subgroup_is(32);
-            let s = ctx.coop.map_or(16, |c| c.m);
+            let s = matmul::frag_size(&ctx);
             let mut paths = vec![(MatmulPath::Auto, Tuning::default())];
             // The other paths at decode batch sizes, for comparison.
             if args.all_paths {

@@ -4,7 +4,7 @@
 //! f32 accumulators a cooperative-matrix GEMM for prefill-sized M and a skinny one for
 //! batches of a few to 4 fragments of rows (K split across subgroups).
 
-use super::{expect_dtype, expect_len, wgsl};
+use super::{coop_gemm, expect_dtype, expect_len, wgsl};
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -16,20 +16,26 @@ use crate::weight::Weight;
 const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
 /// The dense matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
-macro_rules! gemm_coop {
-    ($stage:literal, $out:literal) => {
-        concat!(
-            wgsl!($stage),
-            include_str!($out),
-            include_str!("wgsl/gemm_coop_dense.wgsl"),
-            include_str!("wgsl/gemm_coop.wgsl")
-        )
-    };
-}
-const GEMM_COOP_SCALAR: &str = gemm_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_scalar.wgsl");
-const GEMM_COOP_VEC: &str = gemm_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_scalar.wgsl");
-const GEMM_COOP_SCALAR_Y4: &str = gemm_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_vec4.wgsl");
-const GEMM_COOP_VEC_Y4: &str = gemm_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_vec4.wgsl");
+const GEMM_COOP_SCALAR: &str = coop_gemm!(
+    "gemm_coop_stage_scalar.wgsl",
+    "y_scalar.wgsl",
+    "gemm_coop_dense.wgsl"
+);
+const GEMM_COOP_VEC: &str = coop_gemm!(
+    "gemm_coop_stage_vec.wgsl",
+    "y_scalar.wgsl",
+    "gemm_coop_dense.wgsl"
+);
+const GEMM_COOP_SCALAR_Y4: &str = coop_gemm!(
+    "gemm_coop_stage_scalar.wgsl",
+    "y_vec4.wgsl",
+    "gemm_coop_dense.wgsl"
+);
+const GEMM_COOP_VEC_Y4: &str = coop_gemm!(
+    "gemm_coop_stage_vec.wgsl",
+    "y_vec4.wgsl",
+    "gemm_coop_dense.wgsl"
+);
 const GEMM_SKINNY_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
     include_str!("wgsl/gemm_skinny.wgsl")
@@ -539,7 +545,7 @@ pub(crate) fn coop_base(
 
 /// The device's matrix fragment size (16 where none is offered: the launchers check
 /// `coop_available` before they dispatch).
-fn frag_size(ctx: &GpuContext) -> u32 {
+pub fn frag_size(ctx: &GpuContext) -> u32 {
     ctx.coop.map_or(16, |c| c.m)
 }
 

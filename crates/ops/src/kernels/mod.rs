@@ -31,7 +31,21 @@ macro_rules! wgsl {
         )
     };
 }
-pub(crate) use wgsl;
+
+/// A kernel on the cooperative-matrix GEMM core: its staging helpers
+/// (`gemm_coop_stage_*.wgsl`), its output binding (`y_scalar.wgsl` or `y_vec4.wgsl`), its
+/// front files (where rows come from and where results go), then `gemm_coop.wgsl`.
+macro_rules! coop_gemm {
+    ($stage:literal, $out:literal, $($front:literal),+) => {
+        concat!(
+            wgsl!($stage),
+            include_str!(concat!("wgsl/", $out)),
+            $(include_str!(concat!("wgsl/", $front)),)+
+            include_str!("wgsl/gemm_coop.wgsl")
+        )
+    };
+}
+pub(crate) use {coop_gemm, wgsl};
 
 pub(crate) fn expect_dtype(op: &'static str, t: &Tensor, want: DType) -> Result<()> {
     if t.dtype() != want {

@@ -16,7 +16,7 @@
 //! chunked by whole experts (`Weight::upload_grouped`); steps 3 and 4 run once per chunk.
 
 use super::matmul::{self, CoopConfig};
-use super::{expect_dtype, expect_len, wgsl};
+use super::{coop_gemm, expect_dtype, expect_len, wgsl};
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -34,21 +34,30 @@ const GEMV: &str = concat!(
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
 const DOWN_COMBINE: &str = wgsl!("moe_down_combine.wgsl");
 /// The experts' matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
-macro_rules! moe_coop {
-    ($stage:literal, $out:literal) => {
-        concat!(
-            wgsl!($stage),
-            include_str!("wgsl/moe_bindings.wgsl"),
-            include_str!($out),
-            include_str!("wgsl/moe_coop.wgsl"),
-            include_str!("wgsl/gemm_coop.wgsl")
-        )
-    };
-}
-const COOP_SCALAR: &str = moe_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_scalar.wgsl");
-const COOP_VEC: &str = moe_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_scalar.wgsl");
-const COOP_SCALAR_Y4: &str = moe_coop!("gemm_coop_stage_scalar.wgsl", "wgsl/y_vec4.wgsl");
-const COOP_VEC_Y4: &str = moe_coop!("gemm_coop_stage_vec.wgsl", "wgsl/y_vec4.wgsl");
+const COOP_SCALAR: &str = coop_gemm!(
+    "gemm_coop_stage_scalar.wgsl",
+    "y_scalar.wgsl",
+    "moe_bindings.wgsl",
+    "moe_coop.wgsl"
+);
+const COOP_VEC: &str = coop_gemm!(
+    "gemm_coop_stage_vec.wgsl",
+    "y_scalar.wgsl",
+    "moe_bindings.wgsl",
+    "moe_coop.wgsl"
+);
+const COOP_SCALAR_Y4: &str = coop_gemm!(
+    "gemm_coop_stage_scalar.wgsl",
+    "y_vec4.wgsl",
+    "moe_bindings.wgsl",
+    "moe_coop.wgsl"
+);
+const COOP_VEC_Y4: &str = coop_gemm!(
+    "gemm_coop_stage_vec.wgsl",
+    "y_vec4.wgsl",
+    "moe_bindings.wgsl",
+    "moe_coop.wgsl"
+);
 
 /// Most experts the routing kernel's counters hold.
 pub const MAX_EXPERTS: usize = 512;
