@@ -24,9 +24,10 @@ const TARGET_GROUPS: usize = 1024;
 const MIN_PARTITION: usize = 128;
 /// Positions per chunk of the cooperative-matrix kernel (a divisor of MIN_PARTITION).
 const COOP_CHUNK: u32 = 128;
-/// The matrix kernel's partition for long contexts, once that many workgroups result.
+/// The matrix kernel's longest partition, and the workgroups its plan aims for (about two
+/// per SM on the H100: fewer leave SMs idle, more run a second wave of 128-position chunks).
 const MATRIX_PARTITION: usize = 512;
-const MATRIX_MIN_GROUPS: usize = 256;
+const MATRIX_TARGET_GROUPS: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -486,10 +487,11 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
 
 /// Positions per split for this batch, or `None` for a single pass: split only when the
 /// batch alone leaves the GPU idle and some context is longer than one partition. The
-/// matrix kernel (`matrices`) also splits long contexts into partitions of
-/// MATRIX_PARTITION once that gives MATRIX_MIN_GROUPS workgroups: on the H100, 64 x 8192
-/// ran at 50% of the copy rate in 512-position splits against 41% in 4 splits of 2048,
-/// and 16 x 2048 at 36% against 27% in 16 splits of 128 (docs/performance.md).
+/// matrix kernel (`matrices`) cuts contexts into MATRIX_TARGET_GROUPS workgroups' worth of
+/// partitions, each a multiple of 128 positions and at most MATRIX_PARTITION: on the
+/// H100, 64 x 8192 ran at 50% of the copy rate in 512-position splits against 41% in 4
+/// splits of 2048, 16 x 2048 at 36% against 27% in 16 splits of 128, and batch 1 x 16384
+/// in 28 us with 64 splits of 256 against 38 us in 128 of 128 (docs/performance.md).
 pub fn plan_partition(
     opts: &AttentionOptions,
     meta: &AttnMetadata,
@@ -500,8 +502,13 @@ pub fn plan_partition(
         return (meta.max_ctx > p).then_some(p.max(1));
     }
     let groups = meta.num_tokens * s.kv_heads;
-    if matrices && groups * meta.max_ctx.div_ceil(MATRIX_PARTITION) >= MATRIX_MIN_GROUPS {
-        return (meta.max_ctx > MATRIX_PARTITION).then_some(MATRIX_PARTITION);
+    if matrices {
+        let part = meta
+            .max_ctx
+            .div_ceil(MATRIX_TARGET_GROUPS.div_ceil(groups))
+            .next_multiple_of(128)
+            .clamp(MIN_PARTITION, MATRIX_PARTITION);
+        return (part < meta.max_ctx).then_some(part);
     }
     if groups >= TARGET_GROUPS {
         return None;
