@@ -401,6 +401,11 @@ impl LLMEngine {
 
     /// Takes a finished or aborted sequence out of scheduling and frees its blocks (its
     /// tokens stay until the request is retired).
+    /// Whether sequence `id` is still going (not finished, not aborted).
+    fn live(&self, id: ReqId) -> bool {
+        self.seqs.get(&id).is_some_and(|s| s.finish.is_none())
+    }
+
     fn release(&mut self, id: ReqId) {
         self.scheduler.remove(id);
         self.kv_manager.free(id);
@@ -456,11 +461,8 @@ impl LLMEngine {
         let t0 = Instant::now();
         // A step in flight whose sequences all ended (aborted, or stopped a step before)
         // is dropped unread.
-        let in_flight = self.in_flight.take().filter(|l| {
-            l.seqs
-                .iter()
-                .any(|sc| self.seqs.get(&sc.id).is_some_and(|s| s.finish.is_none()))
-        });
+        let in_flight = self.in_flight.take();
+        let in_flight = in_flight.filter(|l| l.seqs.iter().any(|sc| self.live(sc.id)));
         let cur = match in_flight {
             Some(l) => l,
             None => {
@@ -751,14 +753,11 @@ impl LLMEngine {
         let t2 = Instant::now();
         self.stats.gpu_seconds += (t2 - t1).as_secs_f64();
         self.gpu_bound = (t2 - t1).as_secs_f64() > HOLD_WAIT_SECONDS;
-        // Sequences still going (a step run ahead may hold rows of ones that stopped
-        // since it was launched: those rows are dropped).
-        let live = |seqs: &HashMap<ReqId, Sequence>, id: &ReqId| {
-            seqs.get(id).is_some_and(|s| s.finish.is_none())
-        };
+        // (A step run ahead may hold rows of sequences that stopped since it was launched:
+        // those rows are dropped.)
         // Progress and prefix-cache registration for every scheduled sequence.
         for sc in &l.seqs {
-            if !live(&self.seqs, &sc.id) {
+            if !self.live(sc.id) {
                 continue;
             }
             let computed = sc.num_computed + sc.num_new;
@@ -799,7 +798,7 @@ impl LLMEngine {
         let mut touched: Vec<ReqId> = Vec::new();
         let mut finished: Vec<ReqId> = Vec::new();
         for (row, &(id, _)) in l.sample_rows.iter().enumerate() {
-            if !live(&self.seqs, &id) {
+            if !self.live(id) {
                 continue;
             }
             let (Some(seq), Some(toks)) = (self.seqs.get_mut(&id), self.tokens.get_mut(&id)) else {

@@ -537,8 +537,9 @@ fn small_row(name: &str, shape: String, t: f64, bytes: f64) -> Row {
     }
 }
 
-/// GPU time per tiny (one-workgroup, 4 KiB) copy dispatch, back to back in one pass: on
-/// distinct buffers (no barrier needed) and as a chain a -> b -> a (a barrier each).
+/// The matrix GEMM at M = `m`, K = 2048 over 1 to 48 column tiles, default and half-width
+/// tiles, as dependent repetitions: steps in time against the tile count show how many
+/// workgroups run at once.
 fn wave_probe(ctx: &GpuContext, dtype: DType, m: usize, reps: usize) -> Result<()> {
     let Some(shape) = ctx.coop.filter(|_| ctx.subgroup_is(32)) else {
         bail!("--wave-probe needs cooperative matrices and subgroups of 32");
@@ -591,6 +592,8 @@ fn wave_probe(ctx: &GpuContext, dtype: DType, m: usize, reps: usize) -> Result<(
     Ok(())
 }
 
+/// GPU time per tiny (one-workgroup, 4 KiB) copy dispatch, back to back in one pass: on
+/// distinct buffers (no barrier needed) and as a chain a -> b -> a (a barrier each).
 fn dispatch_overhead(ctx: &GpuContext) -> Result<()> {
     let n = 256;
     let bufs: Vec<_> = (0..2 * n)

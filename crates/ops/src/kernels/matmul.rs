@@ -4,7 +4,7 @@
 //! f32 accumulators a cooperative-matrix GEMM for prefill-sized M and a skinny one for
 //! batches of a few to 4 fragments of rows (K split across subgroups).
 
-use super::{coop_gemm, expect_dtype, expect_len, wgsl};
+use super::{coop_gemm_variants, expect_dtype, expect_len, wgsl, CoopSources};
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -16,26 +16,7 @@ use crate::weight::Weight;
 const GEMV: &str = wgsl!("gemv.wgsl");
 const GEMM: &str = wgsl!("gemm.wgsl");
 /// The dense matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
-const GEMM_COOP_SCALAR: &str = coop_gemm!(
-    "gemm_coop_stage_scalar.wgsl",
-    "y_scalar.wgsl",
-    "gemm_coop_dense.wgsl"
-);
-const GEMM_COOP_VEC: &str = coop_gemm!(
-    "gemm_coop_stage_vec.wgsl",
-    "y_scalar.wgsl",
-    "gemm_coop_dense.wgsl"
-);
-const GEMM_COOP_SCALAR_Y4: &str = coop_gemm!(
-    "gemm_coop_stage_scalar.wgsl",
-    "y_vec4.wgsl",
-    "gemm_coop_dense.wgsl"
-);
-const GEMM_COOP_VEC_Y4: &str = coop_gemm!(
-    "gemm_coop_stage_vec.wgsl",
-    "y_vec4.wgsl",
-    "gemm_coop_dense.wgsl"
-);
+const GEMM_COOP: CoopSources = coop_gemm_variants!("gemm_coop.wgsl", "gemm_coop_dense.wgsl");
 const GEMM_SKINNY_SCALAR: &str = concat!(
     wgsl!("gemm_coop_stage_scalar.wgsl"),
     include_str!("wgsl/gemm_skinny.wgsl")
@@ -510,23 +491,19 @@ fn skinny_kernel(
 
 /// `y4`: results stored as vec4<f32> (every row of y 16-byte aligned).
 fn coop_kernel(s: u32, dtype: DType, c: CoopConfig, y4: bool) -> Kernel {
-    let (name, src) = match (c.vec_staging, y4) {
-        (true, true) => ("gemm_coop.wgsl+vec+y4", GEMM_COOP_VEC_Y4),
-        (true, false) => ("gemm_coop.wgsl+vec", GEMM_COOP_VEC),
-        (false, true) => ("gemm_coop.wgsl+scalar+y4", GEMM_COOP_SCALAR_Y4),
-        (false, false) => ("gemm_coop.wgsl+scalar", GEMM_COOP_SCALAR),
-    };
-    coop_base(name, src, s, dtype, c)
+    coop_base(&GEMM_COOP, s, dtype, c, y4)
 }
 
-/// A kernel built on gemm_coop.wgsl with fragment size `s` and weight dtype `dtype`.
+/// A kernel built on gemm_coop.wgsl with fragment size `s`, weight dtype `dtype`, split
+/// `c` (whose staging picks the source) and vec4<f32> stores where `y4`.
 pub(crate) fn coop_base(
-    name: &'static str,
-    src: &'static str,
+    sources: &CoopSources,
     s: u32,
     dtype: DType,
     c: CoopConfig,
+    y4: bool,
 ) -> Kernel {
+    let (name, src) = sources[c.vec_staging as usize][y4 as usize];
     Kernel::new(name, src, "gemm_coop")
         .u32("S", s)
         .u32("SGN", c.sgn)

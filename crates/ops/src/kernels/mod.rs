@@ -38,14 +38,42 @@ macro_rules! wgsl {
 macro_rules! coop_gemm {
     ($stage:literal, $out:literal, $($front:literal),+) => {
         concat!(
-            wgsl!($stage),
+            $crate::kernels::wgsl!($stage),
             include_str!(concat!("wgsl/", $out)),
             $(include_str!(concat!("wgsl/", $front)),)+
             include_str!("wgsl/gemm_coop.wgsl")
         )
     };
 }
-pub(crate) use {coop_gemm, wgsl};
+
+/// The four kernels a front makes on the cooperative-matrix GEMM core (`coop_gemm!`), as
+/// (name, source) indexed `[vec4 staging][vec4 output]` (`matmul::coop_base` picks one).
+macro_rules! coop_gemm_variants {
+    ($name:literal, $($front:literal),+) => {
+        [
+            [
+                (concat!($name, "+scalar"), $crate::kernels::coop_gemm!(
+                    "gemm_coop_stage_scalar.wgsl", "y_scalar.wgsl", $($front),+
+                )),
+                (concat!($name, "+scalar+y4"), $crate::kernels::coop_gemm!(
+                    "gemm_coop_stage_scalar.wgsl", "y_vec4.wgsl", $($front),+
+                )),
+            ],
+            [
+                (concat!($name, "+vec"), $crate::kernels::coop_gemm!(
+                    "gemm_coop_stage_vec.wgsl", "y_scalar.wgsl", $($front),+
+                )),
+                (concat!($name, "+vec+y4"), $crate::kernels::coop_gemm!(
+                    "gemm_coop_stage_vec.wgsl", "y_vec4.wgsl", $($front),+
+                )),
+            ],
+        ]
+    };
+}
+pub(crate) use {coop_gemm, coop_gemm_variants, wgsl};
+
+/// (name, source) of a cooperative-matrix GEMM kernel by `[vec4 staging][vec4 output]`.
+pub(crate) type CoopSources = [[(&'static str, &'static str); 2]; 2];
 
 pub(crate) fn expect_dtype(op: &'static str, t: &Tensor, want: DType) -> Result<()> {
     if t.dtype() != want {

@@ -16,7 +16,7 @@
 //! chunked by whole experts (`Weight::upload_grouped`); steps 3 and 4 run once per chunk.
 
 use super::matmul::{self, CoopConfig};
-use super::{coop_gemm, expect_dtype, expect_len, wgsl};
+use super::{coop_gemm_variants, expect_dtype, expect_len, wgsl, CoopSources};
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -34,30 +34,8 @@ const GEMV: &str = concat!(
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
 const DOWN_COMBINE: &str = wgsl!("moe_down_combine.wgsl");
 /// The experts' matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
-const COOP_SCALAR: &str = coop_gemm!(
-    "gemm_coop_stage_scalar.wgsl",
-    "y_scalar.wgsl",
-    "moe_bindings.wgsl",
-    "moe_coop.wgsl"
-);
-const COOP_VEC: &str = coop_gemm!(
-    "gemm_coop_stage_vec.wgsl",
-    "y_scalar.wgsl",
-    "moe_bindings.wgsl",
-    "moe_coop.wgsl"
-);
-const COOP_SCALAR_Y4: &str = coop_gemm!(
-    "gemm_coop_stage_scalar.wgsl",
-    "y_vec4.wgsl",
-    "moe_bindings.wgsl",
-    "moe_coop.wgsl"
-);
-const COOP_VEC_Y4: &str = coop_gemm!(
-    "gemm_coop_stage_vec.wgsl",
-    "y_vec4.wgsl",
-    "moe_bindings.wgsl",
-    "moe_coop.wgsl"
-);
+const COOP: CoopSources =
+    coop_gemm_variants!("moe_coop.wgsl", "moe_bindings.wgsl", "moe_coop.wgsl");
 
 /// Most experts the routing kernel's counters hold.
 pub const MAX_EXPERTS: usize = 512;
@@ -289,13 +267,7 @@ fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: b
 
 /// `y4`: results stored as vec4<f32> (without ACT, and rows of a multiple of 4).
 fn coop_kernel(s: u32, c: CoopConfig, dtype: DType, act: bool, gather: bool, y4: bool) -> Kernel {
-    let (name, src) = match (s == 16, y4) {
-        (true, true) => ("moe_coop.wgsl+vec+y4", COOP_VEC_Y4),
-        (true, false) => ("moe_coop.wgsl+vec", COOP_VEC),
-        (false, true) => ("moe_coop.wgsl+scalar+y4", COOP_SCALAR_Y4),
-        (false, false) => ("moe_coop.wgsl+scalar", COOP_SCALAR),
-    };
-    matmul::coop_base(name, src, s, dtype, c)
+    matmul::coop_base(&COOP, s, dtype, c, y4)
         .u32("ACT", act as u32)
         .u32("GATHER", gather as u32)
 }
