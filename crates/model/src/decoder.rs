@@ -603,15 +603,16 @@ impl DecoderModel {
     }
 
     /// Dispatches the MLP of one MoE layer records in a decode step of one sequence: router
-    /// GEMV, routing, gate/up and down GEMVs (one per weight chunk), the down projection
-    /// carrying the combine and the residual add (`MoeScratch::down_combine`).
+    /// GEMV, gate/up GEMV routing the token itself, down GEMV (one each per weight chunk),
+    /// the down projection carrying the combine and the residual add
+    /// (`MoeScratch::down_combine`).
     pub fn moe_layer_dispatches(&self) -> Option<usize> {
         self.layers.iter().find_map(|l| match &l.mlp {
             Mlp::Moe {
                 router, experts, ..
-            } => Some(
-                router.chunks.len() + 1 + experts.gate_up.chunks.len() + experts.down.chunks.len(),
-            ),
+            } => {
+                Some(router.chunks.len() + experts.gate_up.chunks.len() + experts.down.chunks.len())
+            }
             Mlp::Dense { .. } => None,
         })
     }

@@ -411,20 +411,28 @@ fn moe_rejects_bad_shapes() {
 #[test]
 fn decode_layer_with_folded_norm_and_residual_add() {
     // residual += moe(rmsnorm(residual) * g): the router and gate/up GEMVs take the raw
-    // rows and fold the norm, the combine adds into the residual (decode batches).
+    // rows and fold the norm, the combine adds into the residual (decode batches). One
+    // token routes inside the gate/up GEMV; `tied`: router rows in equal triples, so the
+    // fourth pick is one of three tied experts and the lowest must win.
     let ctx = ctx();
-    // (tokens, dtype, seed, hidden, experts per weight chunk)
-    for (t, dt, seed, h, per_chunk) in [
-        (1usize, DType::F16, 51u64, 128usize, 16usize),
-        (1, DType::BF16, 59, 136, 5),
-        (3, DType::BF16, 53, 128, 16),
-        (8, DType::F32, 55, 120, 6),
-        (16, DType::F16, 57, 128, 16),
+    // (tokens, dtype, seed, hidden, experts per weight chunk, tied)
+    for (t, dt, seed, h, per_chunk, tied) in [
+        (1usize, DType::F16, 51u64, 128usize, 16usize, false),
+        (1, DType::BF16, 59, 136, 5, false),
+        (1, DType::F16, 61, 128, 3, true),
+        (3, DType::BF16, 53, 128, 16, false),
+        (8, DType::F32, 55, 120, 6, false),
+        (16, DType::F16, 57, 128, 16, true),
     ] {
         let mut r = rng(seed);
         let (f, e) = (32, 16);
         let w = experts(e, h, f, dt, per_chunk, seed + 1);
-        let router = dt.round_trip(&randn(&mut r, e * h, 0.2));
+        let mut router = dt.round_trip(&randn(&mut r, e * h, 0.2));
+        if tied {
+            for i in 0..e {
+                router.copy_within(i / 3 * 3 * h..(i / 3 * 3 + 1) * h, i * h);
+            }
+        }
         let rw = Weight::upload_f32(ctx, "router", e, h, dt, &router).unwrap();
         let shape = MoeShape {
             experts: e,

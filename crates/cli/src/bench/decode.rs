@@ -110,7 +110,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     );
     if let Some(n) = model.moe_layer_dispatches() {
         println!(
-            "MoE layer: {n} dispatches per decode step (router GEMV + norm, routing, \
+            "MoE layer: {n} dispatches per decode step (router GEMV + norm, routing + \
              gate/up GEMV + norm + SiLU-mul, down GEMV + combine + residual add)"
         );
     }

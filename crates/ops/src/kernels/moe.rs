@@ -8,8 +8,9 @@
 //! 4. down GEMM over the same tiles;
 //! 5. `moe_combine`: the weighted sum of each token's k rows back in token order.
 //!
-//! A one-token decode step runs 4 and 5 as one dispatch (`moe_add_normed` with
-//! `MoeScratch::down_combine`: moe_down_combine.wgsl), added straight into the residual.
+//! A one-token decode step (`moe_add_normed` with `MoeScratch::down_combine`) routes inside
+//! the gate/up GEMV (moe_gemv_routed) and runs 4 and 5 as one dispatch
+//! (moe_down_combine.wgsl) added straight into the residual: three dispatches a layer.
 //!
 //! Each chosen expert's weights are read once per tile (once per step when its tokens fit one
 //! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
@@ -29,6 +30,7 @@ const ROUTE: &str = concat!(wgsl!("moe_route.wgsl"), include_str!("wgsl/moe_topk
 const GEMV: &str = concat!(
     wgsl!("moe_bindings.wgsl"),
     include_str!("wgsl/y_scalar.wgsl"),
+    include_str!("wgsl/moe_topk.wgsl"),
     include_str!("wgsl/moe_gemv.wgsl")
 );
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
@@ -254,7 +256,26 @@ fn gemv_tpr(ctx: &GpuContext, k: usize, tokens: usize) -> u32 {
 }
 
 fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: bool) -> Kernel {
-    Kernel::new("moe_gemv.wgsl", GEMV, "moe_gemv")
+    gemv_base("moe_gemv", mt, tpr, dtype, act, gather, norm).u32("VPL", 1)
+}
+
+/// The gate/up GEMV (+ SiLU-mul, folded RMSNorm) of one token that routes it itself;
+/// `vpl` as for `route_kernel`.
+fn routed_gate_up_kernel(tpr: u32, dtype: DType, vpl: u32) -> Kernel {
+    gemv_base("moe_gemv_routed", 1, tpr, dtype, true, false, true).u32("VPL", vpl)
+}
+
+fn gemv_base(
+    entry: &'static str,
+    mt: u32,
+    tpr: u32,
+    dtype: DType,
+    act: bool,
+    gather: bool,
+    norm: bool,
+) -> Kernel {
+    Kernel::new("moe_gemv.wgsl", GEMV, entry)
+        .u32("MAX_K", MAX_TOP_K as u32)
         .u32("MT", mt)
         .u32("WG", GEMV_WG)
         .u32("TPR", tpr)
@@ -319,6 +340,8 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         v.push(gemv_kernel(mt, 32, dt, act, act, false));
         v.push(gemv_kernel(mt, 32, dt, act, act, true));
     }
+    v.push(routed_gate_up_kernel(32, DType::F16, 4));
+    v.push(routed_gate_up_kernel(64, DType::BF16, 16));
     v
 }
 
@@ -515,12 +538,16 @@ fn grouped(
     let dummy = step.ctx.dummy()?.clone();
     let norm_w = norm.map_or(&dummy, |(g, _)| g);
     for c in &w.chunks {
+        // (The routing fields of the immediates are moe_gemv_routed's.)
         let params = [
             rows_per_expert as u32,
             w.k as u32,
             (c.row_start / rows_per_expert) as u32,
             (c.rows / rows_per_expert) as u32,
             norm.map_or(0.0, |(_, e)| e).to_bits(),
+            0,
+            0,
+            0,
         ];
         let mut b = vec![x, &c.tensor, y, &r.tiles, &r.sorted];
         if gemv {
@@ -695,7 +722,11 @@ pub fn moe_add_normed(
     };
     matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
     if scratch.down_combine {
-        route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
+        if scratch.routing.tokens == 1 {
+            routed_gate_up(step, residual, norm, experts, shape, scratch)?;
+        } else {
+            route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
+        }
         return down_combine(
             step,
             &scratch.act,
@@ -706,6 +737,65 @@ pub fn moe_add_normed(
     }
     expert_rows_normed(step, residual, Some(norm), experts, shape, scratch)?;
     combine_add(step, &scratch.rows, &scratch.routing, residual)
+}
+
+/// The gate/up GEMV (+ SiLU-mul) of one token with the RMSNorm folded in, routing the token
+/// itself from `s.logits` (moe_gemv_routed): workgroup row j computes pick j's rows into
+/// `s.act` row j and leaves the picks in `s.routing` (pair j at row j) for `down_combine`.
+/// One dispatch per expert chunk, none for routing.
+fn routed_gate_up(
+    step: &mut Step,
+    x: &Tensor,
+    norm: (&Tensor, f32),
+    experts: &ExpertWeights,
+    shape: &MoeShape,
+    s: &MoeScratch,
+) -> Result<()> {
+    let w = &experts.gate_up;
+    let r = &s.routing;
+    let vec = if w.dtype == DType::F32 { 4 } else { 8 };
+    if r.tokens != 1 || !w.k.is_multiple_of(vec) {
+        return Err(shape_err(
+            "moe routed gate/up",
+            format!(
+                "one token and K % {vec} == 0; got {} tokens, K = {}",
+                r.tokens, w.k
+            ),
+        ));
+    }
+    let rows = 2 * experts.ffn;
+    let tpr = gemv_tpr(step.ctx, w.k, 1);
+    let kernel = routed_gate_up_kernel(tpr, w.dtype, route_vpl(step.ctx, shape.experts));
+    let groups_x = rows.div_ceil((GEMV_WG / tpr * GEMV_RPT) as usize) as u32;
+    for c in &w.chunks {
+        let params = [
+            rows as u32,
+            w.k as u32,
+            (c.row_start / rows) as u32,
+            (c.rows / rows) as u32,
+            norm.1.to_bits(),
+            shape.experts as u32,
+            shape.top_k as u32,
+            shape.norm_topk as u32,
+        ];
+        step.dispatch_at(
+            &kernel,
+            &[
+                (0, x),
+                (1, &c.tensor),
+                (2, &s.act),
+                (4, &r.sorted),
+                (5, norm.0),
+                (6, &s.logits),
+                (7, &r.topk_ids),
+                (8, &r.topk_w),
+                (9, &r.pair_pos),
+            ],
+            &params,
+            [groups_x, shape.top_k as u32, 1],
+        )?;
+    }
+    Ok(())
 }
 
 /// `y[t] += sum_j topk_w[t, j] down_{e_j}(act[pair_pos[t, j]])`: the down projection and the

@@ -8,6 +8,10 @@ struct Params {
     e_count: u32,
     // RMSNorm epsilon of moe_gemv.wgsl's NORM.
     eps: f32,
+    // moe_gemv_routed's routing: experts, picks per token, renormalise the picks.
+    experts: u32,
+    top_k: u32,
+    norm_topk: u32,
 }
 var<immediate> p: Params;
 

@@ -10,9 +10,18 @@
 // Weights f32 (W_DTYPE 0, K % 4 == 0) or f16 / bf16 (K % 8 == 0).
 // NORM: x rows are raw residual-stream rows, multiplied as rmsnorm(x) * norm_w (as in
 // gemv.wgsl: the sums of squares ride along with the products).
-// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM.
+// Entry points: moe_gemv takes its tiles from moe_route.wgsl; moe_gemv_routed routes one
+// token itself (below), so a one-token decode step needs no routing dispatch.
+// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM, and moe_topk.wgsl's
+// MAX_K and VPL.
 // Params and bindings: moe_bindings.wgsl, and the norm weight (NORM; a dummy otherwise):
 @group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
+// moe_gemv_routed's router logits (moe_topk.wgsl reads them) and its picks, laid out as
+// moe_route.wgsl writes them for the down projection:
+@group(0) @binding(6) var<storage, read> logits: array<f32>;
+@group(0) @binding(7) var<storage, read_write> topk_ids: array<u32>;
+@group(0) @binding(8) var<storage, read_write> topk_w: array<f32>;
+@group(0) @binding(9) var<storage, read_write> pair_pos: array<u32>;
 
 const GROUPS: u32 = WG / TPR;
 const ACC: u32 = MT * RPT;
@@ -24,16 +33,56 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
             @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32,
             @builtin(subgroup_size) sg_size: u32) {
     let tile = wg.y;
-    let wg_row0 = wg.x * GROUPS * RPT;
-    if tile >= tiles[0] || wg_row0 >= p.n {
+    if tile >= tiles[0] || wg.x * GROUPS * RPT >= p.n {
         return;
     }
     let e = tiles[1u + 3u * tile];
     if e < p.e0 || e >= p.e0 + p.e_count {
         return;
     }
-    let first = tiles[2u + 3u * tile];
-    let end = tiles[3u + 3u * tile];
+    expert_rows(wg.x, li, sg, lane, sg_size, e, tiles[2u + 3u * tile], tiles[3u + 3u * tile],
+                false);
+}
+
+var<workgroup> routed_e: u32;
+
+// One token's k experts, workgroup row j = wg.y for the j-th pick: subgroup 0 of every
+// workgroup routes the token (moe_topk.wgsl, the same picks everywhere) and the first
+// workgroup of each row records pick j for the down projection (pair j reads act row j).
+// Routing inside the GEMV costs its workgroups a few subgroup passes over the logits and
+// saves the routing dispatch and its barrier.
+@compute @workgroup_size(WG)
+fn moe_gemv_routed(@builtin(workgroup_id) wg: vec3<u32>,
+                   @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
+                   @builtin(subgroup_invocation_id) lane: u32,
+                   @builtin(subgroup_size) sg_size: u32) {
+    let j = wg.y;
+    if j >= p.top_k || wg.x * GROUPS * RPT >= p.n {
+        return;
+    }
+    if sg == 0u {
+        let pick = topk_pick(0u, p.experts, p.top_k, p.norm_topk != 0u, j, lane, sg_size);
+        if lane == 0u {
+            routed_e = pick.e;
+            if wg.x == 0u {
+                topk_ids[j] = pick.e;
+                topk_w[j] = pick.v;
+                pair_pos[j] = j;
+            }
+        }
+    }
+    let e = workgroupUniformLoad(&routed_e);
+    if e < p.e0 || e >= p.e0 + p.e_count {
+        return;
+    }
+    expert_rows(wg.x, li, sg, lane, sg_size, e, j, j + 1u, true);
+}
+
+// Rows [first, end) of one expert's group times its weights, row groups from wg_x on. x_row0:
+// every row reads x row 0 (one routed token).
+fn expert_rows(wg_x: u32, li: u32, sg: u32, lane: u32, sg_size: u32, e: u32, first: u32,
+               end: u32, x_row0: bool) {
+    let wg_row0 = wg_x * GROUPS * RPT;
     let wbase = (e - p.e0) * p.n;
     let g = li / TPR;
     let lt = li - g * TPR;
@@ -46,7 +95,7 @@ fn moe_gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         var xrow: array<u32, MT>;
         for (var m = 0u; m < MT; m++) {
             let r = min(r0 + m, end - 1u);
-            xrow[m] = select(r, sorted[r], GATHER == 1u) * kx;
+            xrow[m] = select(select(r, sorted[r], GATHER == 1u), 0u, x_row0) * kx;
         }
         var acc: array<f32, ACC>;
         for (var j = 0u; j < ACC; j++) {
