@@ -306,7 +306,8 @@ fn decode_with_rope_and_qk_norm_in_the_attention_dispatch() {
                 head_dim: 128,
             },
             block_size: 16,
-            seqs: vec![(0, 1), (15, 1), (16, 1), (700, 1)],
+            // (128 + 1: the newest position's own partition starts where a full one ends.)
+            seqs: vec![(0, 1), (15, 1), (16, 1), (128, 1), (700, 1)],
             pad: 1,
             seed: 7,
             rope: Some(true),
