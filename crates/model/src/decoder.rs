@@ -718,13 +718,18 @@ impl DecoderModel {
                 shape,
                 scale,
             };
-            attention::attention_rope(step, opts, &inputs, &rope, &attn)?;
             if fused {
+                // The attention's split-K reduce, where there is one, goes into o_proj.
+                let take = |p: &attention::Partials| matmul::partials_fusable(p, &layer.o);
                 let add = matmul::Fusion {
                     norm: None,
                     accumulate: true,
                 };
-                matmul::matmul_fused(step, &attn, &layer.o, &residual, add)?;
+                match attention::attention_rope_deferred(step, opts, &inputs, &rope, &attn, &take)?
+                {
+                    Some(p) => matmul::gemv_partials(step, &p, &layer.o, &residual, true)?,
+                    None => matmul::matmul_fused(step, &attn, &layer.o, &residual, add)?,
+                }
                 let ffn_norm = Some((&layer.ffn_norm, eps));
                 match (&layer.mlp, &gate_up, &act, &moe_scratch) {
                     (Mlp::Dense { gate_up: w1, down }, Some(gu), Some(a), _) => {
@@ -753,6 +758,7 @@ impl DecoderModel {
                 }
                 continue;
             }
+            attention::attention_rope(step, opts, &inputs, &rope, &attn)?;
             matmul::matmul(step, &attn, &layer.o, &proj)?;
             rmsnorm::add_rmsnorm(step, &proj, &residual, &layer.ffn_norm, c.rms_eps, &normed)?;
             let next_norm = self

@@ -11,9 +11,10 @@ use rand::seq::SliceRandom;
 use vllm_apple_ops::kernels::attention::{
     self, AttentionOptions, AttnInputs, AttnShape, HostMetadata, RopeArgs, SeqSlice,
 };
+use vllm_apple_ops::kernels::matmul;
 use vllm_apple_ops::kernels::rope::{self, RopeShape};
 use vllm_apple_ops::kv_cache::{KvCache, KvCacheSpec};
-use vllm_apple_ops::{DType, Step};
+use vllm_apple_ops::{DType, Step, Weight};
 
 /// K/V are f16 in the cache and the reference reads the same f16 values, so what remains is
 /// f32 accumulation order and exp: outputs are averages of values in [-1, 1].
@@ -215,6 +216,45 @@ fn run(case: &Case, options: &[AttentionOptions]) {
         }
         st.submit_and_wait().unwrap();
         let got = out.to_f32_vec(ctx).unwrap();
+        // A split-K decode left unreduced, its reduce folded into the output projection
+        // (here an identity, so the projection must give the reduced output back). The
+        // step writes the same K/V into the same slots again.
+        if let Some(norm) = case.rope {
+            let rope = RopeArgs {
+                positions: &positions,
+                inv_freq: &freq,
+                qk_norm: norm.then_some((&qn, &kn)),
+                eps: 1e-6,
+            };
+            let take = |p: &attention::Partials| {
+                p.tokens <= matmul::FUSED_MAX_M && matmul::partials_fit(p)
+            };
+            let out2 = ctx.empty(&[t, s.q_heads * d], DType::F32).unwrap();
+            // (Fresh rows: a rope dispatch rotates them in place.)
+            let qkv2 = ctx.upload_f32(&[t, row], DType::F32, uploaded).unwrap();
+            let a2 = AttnInputs { qkv: &qkv2, ..a };
+            let mut st = Step::new(ctx);
+            let deferred =
+                attention::attention_rope_deferred(&mut st, opts, &a2, &rope, &out2, &take)
+                    .unwrap();
+            if let Some(p) = deferred {
+                let k = s.q_heads * d;
+                let eye: Vec<f32> = (0..k * k)
+                    .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
+                    .collect();
+                let w = Weight::upload_f32(ctx, "eye", k, k, DType::F16, &eye).unwrap();
+                matmul::gemv_partials(&mut st, &p, &w, &out2, false).unwrap();
+                st.submit_and_wait().unwrap();
+                assert_close(
+                    &format!("reduce folded into a GEMV, seqs={:?} {opts:?}", case.seqs),
+                    &out2.to_f32_vec(ctx).unwrap(),
+                    &got,
+                    TOL,
+                );
+            } else {
+                st.submit_and_wait().unwrap();
+            }
+        }
 
         // The cache holds exactly the f16 K/V of every real token at its slot (K within
         // an f16 rounding step where the GPU rotated it in f32 and the reference in f64).

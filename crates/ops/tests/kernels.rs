@@ -837,3 +837,99 @@ fn views_share_the_buffer_and_check_alignment() {
     let e = odd.narrow(ctx, 1, 1).unwrap_err().to_string();
     assert!(e.contains("alignment"), "{e}");
 }
+
+/// The output projection over split-K attention partials (the reduce folded into the
+/// GEMV) against the reduce then the product on the CPU: splits past a token's context
+/// (l = 0, m = -inf) and a token without any context, f16 and f32 weights, residual add.
+#[test]
+fn gemv_over_attention_partials_matches_reduce_then_gemv() {
+    use vllm_apple_ops::kernels::attention::{AttnShape, Partials};
+    let ctx = ctx();
+    let mut r = rng(71);
+    // (tokens, q heads, kv heads, head dim, splits, dtype, accumulate)
+    for (t, hq, hkv, d, splits, dt, acc) in [
+        (1usize, 8usize, 2usize, 32usize, 3usize, DType::F16, true),
+        (2, 4, 1, 16, 3, DType::F32, false),
+        (1, 6, 3, 8, 1, DType::BF16, true),
+    ] {
+        let g = hq / hkv;
+        let n = 40;
+        let k = hq * d;
+        let rows = t * hkv * splits;
+        let mut part = randn(&mut r, rows * g * d, 1.0);
+        let mut ml: Vec<f32> = (0..rows * g)
+            .flat_map(|i| [((i * 37) % 11) as f32 * 0.7 - 3.0, 1.0 + (i % 5) as f32])
+            .collect();
+        // Split 1 of every (token, kv head) past the context; the last token has none
+        // at all when there are two.
+        for tk in 0..t {
+            for h in 0..hkv {
+                for s in 0..splits {
+                    let empty = (s == 1 && splits > 1) || (t == 2 && tk == 1);
+                    if empty {
+                        let row = (tk * hkv + h) * splits + s;
+                        for j in 0..g {
+                            ml[2 * (row * g + j)] = -3.4e38;
+                            ml[2 * (row * g + j) + 1] = 0.0;
+                        }
+                        part[row * g * d..(row + 1) * g * d].fill(0.0);
+                    }
+                }
+            }
+        }
+        // The reduce on the CPU: x[tk, q, :] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+        let mut x = vec![0f32; t * k];
+        for tk in 0..t {
+            for q in 0..hq {
+                let (h, j) = (q / g, q % g);
+                let at = |s: usize| ((tk * hkv + h) * splits + s) * g + j;
+                let mx = (0..splits).map(|s| ml[2 * at(s)]).fold(f32::MIN, f32::max);
+                let l: f64 = (0..splits)
+                    .map(|s| ml[2 * at(s) + 1] as f64 * ((ml[2 * at(s)] - mx) as f64).exp())
+                    .sum();
+                for e in 0..d {
+                    let v: f64 = (0..splits)
+                        .map(|s| ((ml[2 * at(s)] - mx) as f64).exp() * part[at(s) * d + e] as f64)
+                        .sum();
+                    x[tk * k + q * d + e] = if l > 0.0 { (v / l) as f32 } else { 0.0 };
+                }
+            }
+        }
+        let wv = dt.round_trip(&randn(&mut r, n * k, 0.3));
+        let w = Weight::upload_f32(ctx, "o", n, k, dt, &wv).unwrap();
+        let y0 = randn(&mut r, t * n, 1.0);
+        let mut want = matmul::cpu::matmul(&x, &wv, n, k);
+        if acc {
+            for (a, b) in want.iter_mut().zip(&y0) {
+                *a += b;
+            }
+        }
+        let p = Partials {
+            part: ctx.upload_f32(&[rows, g * d], DType::F32, &part).unwrap(),
+            ml: ctx.upload_f32(&[rows, g, 2], DType::F32, &ml).unwrap(),
+            splits,
+            tokens: t,
+            shape: AttnShape {
+                q_heads: hq,
+                kv_heads: hkv,
+                head_dim: d,
+            },
+        };
+        assert!(matmul::partials_fusable(&p, &w));
+        let y = ctx.upload_f32(&[t, n], DType::F32, &y0).unwrap();
+        let mut s = Step::new(ctx);
+        matmul::gemv_partials(&mut s, &p, &w, &y, acc).unwrap();
+        s.submit_and_wait().unwrap();
+        assert_close(
+            &format!("gemv over partials t={t} splits={splits} {dt}"),
+            &y.to_f32_vec(ctx).unwrap(),
+            &want,
+            F32_ACCUM_TOL,
+        );
+        // More splits than the GEMV takes: an error, and the caller reduces instead.
+        let many = Partials { splits: 4, ..p };
+        assert!(!matmul::partials_fusable(&many, &w));
+        let mut s = Step::new(ctx);
+        assert!(matmul::gemv_partials(&mut s, &many, &w, &y, acc).is_err());
+    }
+}

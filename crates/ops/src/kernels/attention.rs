@@ -530,7 +530,7 @@ pub fn attend(
     a: &AttnInputs,
     out: &Tensor,
 ) -> Result<()> {
-    attend_writing(step, opts, a, out, false, None)
+    attend_writing(step, opts, a, out, false, None, None).map(|_| ())
 }
 
 /// Whether the attention dispatch itself writes the batch's new K/V (fused decode): a
@@ -552,7 +552,8 @@ fn attend_writing(
     out: &Tensor,
     write_kv: bool,
     rope: Option<&RopeArgs>,
-) -> Result<()> {
+    defer: Option<&dyn Fn(&Partials) -> bool>,
+) -> Result<Option<Partials>> {
     check_inputs(a)?;
     let (qkv, meta, cache, s, scale) = (a.qkv, a.meta, a.cache, a.shape, a.scale);
     expect_dtype("attention", out, DType::F32)?;
@@ -563,7 +564,7 @@ fn attend_writing(
         meta.num_tokens * s.q_heads * s.head_dim,
     )?;
     if !opts.paged {
-        return attend_reference(step, a, out);
+        return attend_reference(step, a, out).map(|_| None);
     }
     let t = meta.num_tokens;
     let frag = uses_matrices(step.ctx, opts, meta, s)?;
@@ -633,7 +634,9 @@ fn attend_writing(
             .chain([out, &dummy])
             .chain(tail)
             .collect();
-        return step.dispatch(&kernel(false), &b, &params, groups);
+        return step
+            .dispatch(&kernel(false), &b, &params, groups)
+            .map(|_| None);
     }
     let g = s.group();
     let part = step
@@ -649,13 +652,36 @@ fn attend_writing(
         .chain(tail)
         .collect();
     step.dispatch(&kernel(true), &b, &params, groups)?;
+    let partials = Partials {
+        part,
+        ml,
+        splits,
+        tokens: t,
+        shape: s,
+    };
+    if defer.is_some_and(|take| take(&partials)) {
+        return Ok(Some(partials));
+    }
     let rparams = [t as u32, s.q_heads as u32, s.kv_heads as u32, splits as u32];
     step.dispatch(
         &reduce_kernel(s),
-        &[&part, &ml, out],
+        &[&partials.part, &partials.ml, out],
         &rparams,
         grid(step.ctx, t * s.q_heads),
-    )
+    )?;
+    Ok(None)
+}
+
+/// Split-K decode attention not yet reduced: per (token, kv head, split) the outputs of the
+/// split's group of query heads (`part`, `[tokens * kv_heads * splits, group * head_dim]`,
+/// unnormalised) and their running (max, sum) pairs (`ml`), as attention_reduce.wgsl
+/// takes them; `matmul::gemv_partials` folds that reduce into the output projection.
+pub struct Partials {
+    pub part: Tensor,
+    pub ml: Tensor,
+    pub splits: usize,
+    pub tokens: usize,
+    pub shape: AttnShape,
 }
 
 fn attend_reference(step: &mut Step, a: &AttnInputs, out: &Tensor) -> Result<()> {
@@ -730,7 +756,7 @@ pub fn attention(
     out: &Tensor,
 ) -> Result<()> {
     if writes_kv(step, opts, a)? {
-        return attend_writing(step, opts, a, out, true, None);
+        return attend_writing(step, opts, a, out, true, None, None).map(|_| ());
     }
     write_kv(step, a)?;
     if !opts.fused_kv {
@@ -761,6 +787,20 @@ pub fn attention_rope(
     rope: &RopeArgs,
     out: &Tensor,
 ) -> Result<()> {
+    attention_rope_deferred(step, opts, a, rope, out, &|_| false).map(|_| ())
+}
+
+/// `attention_rope`, except that a split-K decode whose partials `take` accepts returns
+/// them unreduced (`Some`; `out` untouched) for a consumer that folds the reduce in
+/// (`matmul::gemv_partials`); otherwise `out` holds the attention output (`None`).
+pub fn attention_rope_deferred(
+    step: &mut Step,
+    opts: &AttentionOptions,
+    a: &AttnInputs,
+    rope: &RopeArgs,
+    out: &Tensor,
+    take: &dyn Fn(&Partials) -> bool,
+) -> Result<Option<Partials>> {
     let s = a.shape;
     let d = s.head_dim;
     expect_dtype("attention", rope.inv_freq, DType::F32)?;
@@ -770,7 +810,7 @@ pub fn attention_rope(
         expect_len("attention", "k_norm", k, d)?;
     }
     if opts.fused_rope && writes_kv(step, opts, a)? {
-        return attend_writing(step, opts, a, out, true, Some(rope));
+        return attend_writing(step, opts, a, out, true, Some(rope), Some(take));
     }
     let shape = RopeShape {
         q_heads: s.q_heads,
@@ -786,7 +826,7 @@ pub fn attention_rope(
         rope.eps,
         shape,
     )?;
-    attention(step, opts, a, out)
+    attention(step, opts, a, out).map(|_| None)
 }
 
 pub mod cpu {

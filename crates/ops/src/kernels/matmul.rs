@@ -4,6 +4,7 @@
 //! f32 accumulators a cooperative-matrix GEMM for prefill-sized M and a skinny one for
 //! batches of a few to 4 fragments of rows (K split across subgroups).
 
+use super::attention::{AttnShape, Partials};
 use super::{coop_gemm_variants, expect_dtype, expect_len, wgsl, CoopSources};
 use crate::context::GpuContext;
 use crate::dtype::DType;
@@ -112,6 +113,15 @@ impl GemvConfig {
 }
 
 fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -> Kernel {
+    gemv_base(m, c, dtype, norm, accum)
+        .bool("SPLITX", false)
+        .u32("HQ", 1)
+        .u32("HG", 1)
+        .u32("D", 4)
+        .u32("MAXS", 1)
+}
+
+fn gemv_base(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -> Kernel {
     Kernel::new("gemv.wgsl", GEMV, "gemv")
         .u32("M", m as u32)
         .u32("WG", c.wg)
@@ -120,6 +130,102 @@ fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -
         .u32("W_DTYPE", dtype.float_code())
         .bool("NORM", norm)
         .bool("ACCUM", accum)
+}
+
+/// The GEMV whose x is decode attention's split-K partials (`gemv_partials`), for `shape`
+/// and up to `max_splits` splits.
+fn gemv_partials_kernel(
+    m: usize,
+    c: GemvConfig,
+    dtype: DType,
+    accum: bool,
+    shape: AttnShape,
+    max_splits: usize,
+) -> Kernel {
+    gemv_base(m, c, dtype, false, accum)
+        .bool("SPLITX", true)
+        .u32("HQ", shape.q_heads as u32)
+        .u32("HG", (shape.q_heads / shape.kv_heads.max(1)) as u32)
+        .u32("D", shape.head_dim as u32)
+        .u32("MAXS", max_splits as u32)
+}
+
+/// Most floats of the split weights `gemv_partials` keeps in workgroup memory (tokens x
+/// query heads x splits held).
+const PARTIAL_WEIGHTS: usize = 2048;
+
+/// Most splits `gemv_partials` takes: every workgroup of the GEMV reads every split's
+/// vector of x, so each split costs it what the reduce dispatch saves only up to about
+/// three (Qwen3-30B-A3B's o_proj on the H100, GPU step against the reduce dispatch: 2
+/// splits 4.10 -> 4.04 ms, 3 splits 4.16 -> 4.13, 9 splits 4.22 -> 4.56; workgroups of
+/// 8 or 16 rows, which read x less often, did no better).
+const PARTIAL_MAX_SPLITS: usize = 3;
+
+/// Whether `gemv_partials` takes `p` times `w` (a decode-sized batch on the GEMV path with
+/// few enough splits): else reduce the partials and use `matmul_fused`.
+pub fn partials_fusable(p: &Partials, w: &Weight) -> bool {
+    fusable(p.tokens, w) && w.k == p.shape.q_heads * p.shape.head_dim && partials_fit(p)
+}
+
+/// Whether the split weights of `p` fit the GEMV's workgroup memory.
+pub fn partials_fit(p: &Partials) -> bool {
+    p.splits <= PARTIAL_MAX_SPLITS
+        && p.tokens * p.shape.q_heads * p.splits.next_power_of_two() <= PARTIAL_WEIGHTS
+}
+
+/// `y = x W^T` (`y += ..` with `accumulate`) where x is the attention output that `p`'s
+/// split-K partials reduce to: the reduce folded into the GEMV (gemv.wgsl, SPLITX), so a
+/// decode layer has no reduce dispatch. An error where `partials_fusable` is false.
+pub fn gemv_partials(
+    step: &mut Step,
+    p: &Partials,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    if !partials_fusable(p, w) {
+        return Err(shape_err(
+            "matmul",
+            format!(
+                "GEMV over attention partials: {} tokens, {} splits, {:?} against [{}, {}]",
+                p.tokens, p.splits, p.shape, w.n, w.k
+            ),
+        ));
+    }
+    let (m, k) = (p.tokens, w.k);
+    expect_dtype("matmul", y, DType::F32)?;
+    expect_len("matmul", "y", y, m * w.n)?;
+    let mut cfg = GemvConfig::for_shape(m, k);
+    if !cfg.valid(m, step.ctx.info.subgroup_max_size) {
+        cfg = GemvConfig::for_shape(m, usize::MAX);
+    }
+    let kernel = gemv_partials_kernel(
+        m,
+        cfg,
+        w.dtype,
+        accumulate,
+        p.shape,
+        p.splits.next_power_of_two(),
+    );
+    let dummy = step.ctx.dummy()?.clone();
+    for c in &w.chunks {
+        let params = [
+            c.rows as u32,
+            k as u32,
+            c.row_start as u32,
+            w.n as u32,
+            0,
+            p.shape.kv_heads as u32,
+            p.splits as u32,
+        ];
+        step.dispatch(
+            &kernel,
+            &[&p.part, &c.tensor, y, &dummy, &p.ml],
+            &params,
+            grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group())),
+        )?;
+    }
+    Ok(())
 }
 
 /// What a decode GEMV folds around its product (`matmul_fused`): the RMSNorm of its input
@@ -532,7 +638,18 @@ pub(crate) fn coop_available(step: &Step) -> bool {
 }
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
-    let mut v = Vec::new();
+    let mut v = vec![gemv_partials_kernel(
+        1,
+        GemvConfig::for_shape(1, 4096),
+        DType::F16,
+        true,
+        AttnShape {
+            q_heads: 32,
+            kv_heads: 4,
+            head_dim: 128,
+        },
+        4,
+    )];
     for dt in [DType::F32, DType::F16, DType::BF16] {
         v.push(gemv_kernel(
             1,
@@ -787,11 +904,11 @@ fn gemm_checked(
                         format!("invalid GEMV split {cfg:?} for M={m}"),
                     ));
                 }
-                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps];
+                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps, 0, 0];
                 let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
                 step.dispatch(
                     &gemv_kernel(m, cfg, w.dtype, fusion.norm.is_some(), fusion.accumulate),
-                    &[x, &c.tensor, y, g],
+                    &[x, &c.tensor, y, g, g],
                     &params,
                     groups,
                 )?;

@@ -10,13 +10,22 @@
 // the squares of its own share of k alongside the products (so it sees all of k), and the
 // sums are reduced with them: the norm costs no pass and no dispatch of its own.
 // ACCUM: y += the product (a residual add in the epilogue), else y = the product.
-// Prelude: M, WG, TPR, RPT, W_DTYPE, NORM, ACCUM.
+// SPLITX: x is the split-K partials of decode attention (binding 0: paged_attention_coop's
+// per-split outputs, binding 4: their (max, sum) pairs), reduced here as
+// attention_reduce.wgsl would: each workgroup first turns the pairs into one weight per
+// (token, query head, split), then every x vector it loads is the weighted sum of its
+// splits' vectors. The attention needs no reduce dispatch (nor its barrier) before the
+// output projection. Rows of x: HQ heads of D (HG of them per kv head), `splits` splits.
+// Prelude: M, WG, TPR, RPT, W_DTYPE, NORM, ACCUM, SPLITX, HQ, HG, D, MAXS (splits held).
 struct Params {
     n: u32,
     k: u32,
     n_offset: u32,
     ldy: u32,
     eps: f32,
+    // SPLITX: kv heads and splits of the partials.
+    hkv: u32,
+    splits: u32,
 }
 var<immediate> p: Params;
 
@@ -25,12 +34,58 @@ var<immediate> p: Params;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 // The norm weight (NORM; a dummy otherwise).
 @group(0) @binding(3) var<storage, read> norm_w: array<vec4<f32>>;
+// SPLITX: the partials' (max, sum) pairs (a dummy otherwise).
+@group(0) @binding(4) var<storage, read> ml: array<vec2<f32>>;
 
 const GROUPS: u32 = WG / TPR;
 const ACC: u32 = M * RPT;
 // Partial sums per subgroup: the products, then (NORM) the M sums of squares.
 const SLOTS: u32 = ACC + select(0u, M, NORM);
 var<workgroup> partial: array<f32, (WG / 4u) * SLOTS>;
+// SPLITX: weight of split s for (token m, query head q) at (m HQ + q) MAXS + s.
+var<workgroup> split_w: array<f32, select(1u, M * HQ * MAXS, SPLITX)>;
+
+// Vector v of x row m: loaded, or (SPLITX) the weighted sum of the splits' vectors.
+fn x_vec(m: u32, v: u32) -> vec4<f32> {
+    if !SPLITX {
+        return x[m * (p.k / 4u) + v];
+    }
+    let e = 4u * v;
+    let q = e / D;
+    let h = q / HG;
+    // Split 0's element; split s is s HG D further.
+    let base = (m * p.hkv + h) * p.splits * HG * D + e - h * HG * D;
+    var acc = vec4<f32>(0.0);
+    for (var s = 0u; s < p.splits; s++) {
+        acc += split_w[(m * HQ + q) * MAXS + s] * x[(base + s * HG * D) / 4u];
+    }
+    return acc;
+}
+
+// SPLITX: the splits' weights e^(m_s - M) / sum_s e^(m_s - M) l_s of every (token, query
+// head); zero for a token without context (l = 0 everywhere).
+fn split_weights(li: u32) {
+    for (var i = li; i < M * HQ; i += WG) {
+        let m = i / HQ;
+        let q = i - m * HQ;
+        let h = q / HG;
+        let first = (m * p.hkv + h) * p.splits * HG + q - h * HG;
+        var mx = -3.4e38;
+        for (var s = 0u; s < p.splits; s++) {
+            mx = max(mx, ml[first + s * HG].x);
+        }
+        var l = 0.0;
+        for (var s = 0u; s < p.splits; s++) {
+            let v = ml[first + s * HG];
+            l += v.y * exp(v.x - mx);
+        }
+        for (var s = 0u; s < p.splits; s++) {
+            let v = ml[first + s * HG];
+            split_w[i * MAXS + s] = select(0.0, exp(v.x - mx) / l, l > 0.0);
+        }
+    }
+    workgroupBarrier();
+}
 
 @compute @workgroup_size(WG)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -39,6 +94,9 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let wg_row0 = flat_group(wg, nwg) * GROUPS * RPT;
     if wg_row0 >= p.n {
         return;
+    }
+    if SPLITX {
+        split_weights(li);
     }
     let g = li / TPR;
     let lt = li - g * TPR;
@@ -56,7 +114,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if W_DTYPE == 0u {
         for (var i = lt; i < kx; i += TPR) {
             for (var m = 0u; m < M; m++) {
-                var xv = x[m * kx + i];
+                var xv = x_vec(m, i);
                 if NORM {
                     ssq[m] += dot(xv, xv);
                     xv *= norm_w[i];
@@ -80,8 +138,8 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 wb[r] = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
             }
             for (var m = 0u; m < M; m++) {
-                var x0 = x[m * kx + 2u * i];
-                var x1 = x[m * kx + 2u * i + 1u];
+                var x0 = x_vec(m, 2u * i);
+                var x1 = x_vec(m, 2u * i + 1u);
                 if NORM {
                     ssq[m] += dot(x0, x0) + dot(x1, x1);
                     x0 *= norm_w[2u * i];
