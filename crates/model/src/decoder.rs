@@ -719,8 +719,14 @@ impl DecoderModel {
                 scale,
             };
             if fused {
-                // The attention's split-K reduce, where there is one, goes into o_proj.
-                let take = |p: &attention::Partials| matmul::partials_fusable(p, &layer.o);
+                // The attention's split-K reduce, where there is one, goes into o_proj when
+                // that runs on the GEMV (not the skinny GEMM of larger decode batches).
+                let o_gemv = matches!(
+                    matmul::fused_path(step, t, &layer.o),
+                    matmul::MatmulPath::Gemv
+                );
+                let take =
+                    |p: &attention::Partials| o_gemv && matmul::partials_fusable(p, &layer.o);
                 let add = matmul::Fusion {
                     norm: None,
                     accumulate: true,
