@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use vllm_apple_ops::kernels::argmax;
 use vllm_apple_ops::kernels::attention::{AttentionOptions, HostMetadata, SeqSlice};
 use vllm_apple_ops::kv_cache::KvCache;
-use vllm_apple_ops::recorder::Readback;
+use vllm_apple_ops::recorder::{Readback, StepTimeline, TimelineSpans};
 use vllm_apple_ops::{DType, GpuContext, OpsError, Step, Tensor};
 
 use crate::decoder::{DecoderModel, ModelError};
@@ -40,12 +40,16 @@ pub struct Generated {
     pub ids: Vec<u32>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
-    /// Host time spent building inputs and recording the decode steps (the GPU is idle then:
-    /// nothing overlaps yet), out of `decode_seconds`.
+    /// Host time spent building inputs and recording the decode steps, out of
+    /// `decode_seconds` (a greedy decode records each step while the GPU runs the one
+    /// before).
     pub decode_record_seconds: f64,
     /// Host time inside `queue.submit` of the decode steps (wgpu encodes the pass into the
     /// backend's command buffer there), out of `decode_seconds`.
     pub decode_submit_seconds: f64,
+    /// The greedy decode's steps on the GPU's clock (`generate_timed`, where the device
+    /// has timestamp queries).
+    pub decode_gpu: Option<TimelineSpans>,
 }
 
 /// Host time of the steps: recording, and submitting.
@@ -121,6 +125,7 @@ fn greedy_pipelined(
     stop: &[u32],
     opts: &AttentionOptions,
     host: &mut HostTimes,
+    timeline: Option<&StepTimeline>,
 ) -> Result<Vec<u32>, ModelError> {
     let mut ids = vec![first];
     if stop.contains(&first) || max_tokens <= 1 {
@@ -152,6 +157,9 @@ fn greedy_pipelined(
         let mut step = Step::new(ctx);
         if hold {
             step.hold_parts();
+        }
+        if let Some(t) = timeline {
+            t.time(&mut step)?;
         }
         let logits = model.forward(&mut step, input, &meta, kv, &last, opts)?;
         argmax::argmax(&mut step, &logits, &out)?;
@@ -204,6 +212,35 @@ pub fn generate(
     opts: &AttentionOptions,
     sampling: Sampling,
 ) -> Result<Generated, ModelError> {
+    generate_with(ctx, model, prompt, max_tokens, stop, opts, sampling, false)
+}
+
+/// `generate` with the greedy decode's steps also timed on the GPU
+/// (`Generated::decode_gpu`; every timed step goes in one submission, as the pipelined
+/// decode submits them anyway once the GPU is the bound).
+pub fn generate_timed(
+    ctx: &GpuContext,
+    model: &DecoderModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop: &[u32],
+    opts: &AttentionOptions,
+    sampling: Sampling,
+) -> Result<Generated, ModelError> {
+    generate_with(ctx, model, prompt, max_tokens, stop, opts, sampling, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_with(
+    ctx: &GpuContext,
+    model: &DecoderModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop: &[u32],
+    opts: &AttentionOptions,
+    sampling: Sampling,
+    timed: bool,
+) -> Result<Generated, ModelError> {
     let total = prompt.len() + max_tokens;
     if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
         return Err(OpsError::Config(format!(
@@ -253,6 +290,7 @@ pub fn generate(
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     if sampler.is_none() {
+        let timeline = timed.then(|| StepTimeline::new(ctx, max_tokens)).flatten();
         ids = greedy_pipelined(
             ctx,
             model,
@@ -264,13 +302,20 @@ pub fn generate(
             stop,
             opts,
             &mut host,
+            timeline.as_ref(),
         )?;
+        let decode_seconds = t1.elapsed().as_secs_f64();
+        let decode_gpu = match &timeline {
+            Some(t) => t.finish(ctx)?,
+            None => None,
+        };
         return Ok(Generated {
             ids,
             prefill_seconds,
-            decode_seconds: t1.elapsed().as_secs_f64(),
+            decode_seconds,
             decode_record_seconds: host.record,
             decode_submit_seconds: host.submit,
+            decode_gpu,
         });
     }
     while ids.len() < max_tokens {
@@ -297,6 +342,7 @@ pub fn generate(
         decode_seconds: t1.elapsed().as_secs_f64(),
         decode_record_seconds: host.record,
         decode_submit_seconds: host.submit,
+        decode_gpu: None,
     })
 }
 

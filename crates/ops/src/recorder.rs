@@ -371,6 +371,72 @@ impl<'c> Step<'c> {
     }
 }
 
+/// GPU start and end of a run of steps (a decode), two timestamps per step: how long the
+/// GPU spent inside steps and between them, whatever the host did meanwhile.
+pub struct StepTimeline {
+    queries: wgpu::QuerySet,
+    capacity: u32,
+    used: std::cell::Cell<u32>,
+}
+
+/// What a `StepTimeline` saw: the steps timed, the GPU time inside them, and the span from
+/// the first one's start to the last one's end (the rest of it between steps).
+#[derive(Clone, Copy, Debug)]
+pub struct TimelineSpans {
+    pub steps: usize,
+    pub busy_seconds: f64,
+    pub span_seconds: f64,
+}
+
+impl StepTimeline {
+    /// Room for `steps` steps; None where the device has no timestamp queries.
+    pub fn new(ctx: &GpuContext, steps: usize) -> Option<StepTimeline> {
+        let capacity = (2 * steps).min(wgpu::QUERY_SET_MAX_QUERIES as usize) as u32;
+        (ctx.has_timestamps() && capacity >= 2).then(|| StepTimeline {
+            queries: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("step timeline"),
+                ty: wgpu::QueryType::Timestamp,
+                count: capacity,
+            }),
+            capacity,
+            used: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Times `step` (before anything is recorded into it), which then goes in one
+    /// submission (`Step::hold_parts`: its pass must span the whole step). Past the
+    /// capacity, steps go untimed.
+    pub fn time(&self, step: &mut Step) -> Result<()> {
+        let i = self.used.get();
+        if i + 2 > self.capacity {
+            return Ok(());
+        }
+        self.used.set(i + 2);
+        step.hold_parts();
+        step.begin_timed_pass(&self.queries, i)
+    }
+
+    /// Reads the timestamps back once every timed step has been submitted.
+    pub fn finish(&self, ctx: &GpuContext) -> Result<Option<TimelineSpans>> {
+        let n = self.used.get();
+        if n < 2 {
+            return Ok(None);
+        }
+        let mut step = Step::new(ctx);
+        let ticks = read_timestamps(ctx, &mut step, &self.queries, n)?;
+        let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
+        let busy: u64 = ticks
+            .chunks_exact(2)
+            .map(|p| p[1].saturating_sub(p[0]))
+            .sum();
+        Ok(Some(TimelineSpans {
+            steps: (n / 2) as usize,
+            busy_seconds: busy as f64 * period,
+            span_seconds: ticks[n as usize - 1].saturating_sub(ticks[0]) as f64 * period,
+        }))
+    }
+}
+
 /// Resolves `n` timestamps of `queries` at the end of `step`, submits it, waits, and returns
 /// the raw ticks (multiply by the queue's timestamp period for nanoseconds).
 pub fn read_timestamps(

@@ -10,7 +10,7 @@ use clap::Args as ClapArgs;
 use vllm_apple_model::config::ModelConfig;
 use vllm_apple_model::decoder::DecoderModel;
 use vllm_apple_model::gguf::GgufFile;
-use vllm_apple_model::runner::{generate, profile_decode_step, Sampling};
+use vllm_apple_model::runner::{generate, generate_timed, profile_decode_step, Sampling};
 use vllm_apple_ops::kernels::attention::AttentionOptions;
 use vllm_apple_ops::{ContextOptions, DType, GpuContext};
 
@@ -89,7 +89,7 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
     attn.chunk = args.attn_chunk;
     // Warm-up (pipelines, pool), then the measured run.
     generate(&ctx, &model, &prompt, 2, &[], &attn, Sampling::greedy())?;
-    let out = generate(
+    let out = generate_timed(
         &ctx,
         &model,
         &prompt,
@@ -138,6 +138,19 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         1e3 * out.decode_submit_seconds / steps,
         1e3 * (out.decode_seconds - out.decode_record_seconds - out.decode_submit_seconds) / steps
     );
+    if let Some(g) = out.decode_gpu {
+        // The decode on the GPU's clock: inside steps, and between them (submission
+        // boundaries, and whatever the host kept the GPU waiting).
+        let steps = g.steps as f64;
+        let per_token = g.span_seconds / steps;
+        println!(
+            "decode on the GPU's clock: {:.2} ms in each step + {:.2} ms between steps = {:.1} tok/s, {:.1}% of the roofline",
+            1e3 * g.busy_seconds / steps,
+            1e3 * (g.span_seconds - g.busy_seconds) / (steps - 1.0).max(1.0),
+            1.0 / per_token,
+            100.0 / per_token / roofline
+        );
+    }
     let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if ctx.features.contains(inside) {
         // The median of five steps' GPU spans (two timestamps each: no per-dispatch cost).
