@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::bind_cache::BindGroupCache;
 use crate::dtype::DType;
 use crate::error::{OpsError, Result};
 use crate::pipeline::{Kernel, PipelineCache};
@@ -59,6 +60,7 @@ pub struct GpuContext {
     pub(crate) pipelines: PipelineCache,
     full_shader_checks: bool,
     pub(crate) pool: BufferPool,
+    pub(crate) bind_groups: Arc<BindGroupCache>,
     dummy: OnceLock<Tensor>,
     gpu_error: Arc<Mutex<Option<String>>>,
 }
@@ -208,6 +210,7 @@ impl GpuContext {
             full_shader_checks: opts.full_shader_checks
                 || std::env::var("VLLM_APPLE_SHADER_CHECKS").is_ok_and(|v| v == "full"),
             pool: BufferPool::default(),
+            bind_groups: Arc::default(),
             dummy: OnceLock::new(),
             gpu_error,
         }))
@@ -244,6 +247,11 @@ impl GpuContext {
         self.features.contains(wgpu::Features::SUBGROUP_BARRIER)
             && (self.info.backend == wgpu::Backend::Metal
                 || (self.info.backend == wgpu::Backend::Vulkan && self.info.vendor == NVIDIA))
+    }
+
+    /// Bind-group cache lookups so far: (hits, misses).
+    pub fn bind_group_stats(&self) -> (u64, u64) {
+        self.bind_groups.stats()
     }
 
     pub fn has_timestamps(&self) -> bool {

@@ -2,6 +2,7 @@
 //! kernels, each with a plain-Rust reference. Kernels run on Metal (macOS), Vulkan
 //! (Linux/Windows GPUs) and lavapipe (CPU, for CI) through wgpu.
 
+mod bind_cache;
 pub mod context;
 pub mod dtype;
 pub mod error;

@@ -225,22 +225,10 @@ impl<'c> Step<'c> {
             });
         }
         let pipeline = self.ctx.pipeline(kernel)?;
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = bindings
-            .iter()
-            .map(|(i, t)| wgpu::BindGroupEntry {
-                binding: *i,
-                resource: t.binding(),
-            })
-            .collect();
-        let bind_group = self
-            .ctx
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.entry),
-                layout: &layout,
-                entries: &entries,
-            });
+        let bind_group =
+            self.ctx
+                .bind_groups
+                .get(&self.ctx.device, &pipeline, kernel.entry, bindings);
         let pass = self.pass()?;
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);

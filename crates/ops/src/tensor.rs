@@ -1,9 +1,10 @@
 //! GPU tensors (a buffer, a byte offset, a shape and a dtype), their upload and download,
 //! and the buffer pool that recycles activation buffers by size class.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use crate::bind_cache::BindGroupCache;
 use crate::context::GpuContext;
 use crate::dtype::DType;
 use crate::error::{shape_err, OpsError, Result};
@@ -24,30 +25,47 @@ fn size_class(bytes: u64) -> u64 {
     b.next_multiple_of(step)
 }
 
+/// Free buffers by size class, each class ordered by the buffers' creation serials.
+#[derive(Default)]
+struct FreeLists {
+    classes: HashMap<u64, BTreeMap<u64, wgpu::Buffer>>,
+    next_serial: u64,
+}
+
 #[derive(Default, Clone)]
 pub struct BufferPool {
-    free: Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>,
+    free: Arc<Mutex<FreeLists>>,
 }
 
 impl BufferPool {
+    /// The free buffer of the size class created first, else a new one. Which buffer a
+    /// request gets then depends only on which buffers are free, not on the order they came
+    /// back in (GPU completion callbacks): a decode step that allocates like the one two
+    /// steps before gets the same buffers, so its bind groups can be reused.
     fn take(&self, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
         let class = size_class(bytes);
-        let reused = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop()));
-        let buffer = reused.unwrap_or_else(|| {
-            device.create_buffer(&wgpu::BufferDescriptor {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, buffer)) = free.classes.get_mut(&class).and_then(|c| c.pop_first()) {
+            return PooledBuffer {
+                buffer: Some(buffer),
+                pool: Some(self.clone()),
+                serial,
+                bind_groups: None,
+            };
+        }
+        let serial = free.next_serial;
+        free.next_serial += 1;
+        drop(free);
+        PooledBuffer {
+            buffer: Some(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("pooled"),
                 size: class,
                 usage: USAGE,
                 mapped_at_creation: false,
-            })
-        });
-        PooledBuffer {
-            buffer: Some(buffer),
+            })),
             pool: Some(self.clone()),
+            serial,
+            bind_groups: None,
         }
     }
 }
@@ -56,6 +74,10 @@ impl BufferPool {
 pub struct PooledBuffer {
     buffer: Option<wgpu::Buffer>,
     pool: Option<BufferPool>,
+    /// Creation order within the pool.
+    serial: u64,
+    /// A persistent buffer's context bind-group cache, cleared when the buffer goes.
+    bind_groups: Option<Arc<BindGroupCache>>,
 }
 
 impl PooledBuffer {
@@ -67,9 +89,15 @@ impl PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
+        if let Some(cache) = &self.bind_groups {
+            cache.clear();
+        }
         if let (Some(buf), Some(pool)) = (self.buffer.take(), &self.pool) {
             if let Ok(mut f) = pool.free.lock() {
-                f.entry(buf.size()).or_default().push(buf);
+                f.classes
+                    .entry(buf.size())
+                    .or_default()
+                    .insert(self.serial, buf);
             }
         }
     }
@@ -132,13 +160,21 @@ impl Tensor {
     /// The binding kernels see. Sizes round up to 16 bytes where the buffer has room (all
     /// our buffers are padded), so vec4 views and odd half-precision counts bind cleanly.
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
-        let room = self.buf.raw().size() - self.offset;
-        let size = self.nbytes().next_multiple_of(16).min(room).max(4);
+        let (offset, size) = self.binding_range();
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: self.buf.raw(),
-            offset: self.offset,
+            offset,
             size: wgpu::BufferSize::new(size),
         })
+    }
+
+    /// Offset and size of `binding`.
+    pub fn binding_range(&self) -> (u64, u64) {
+        let room = self.buf.raw().size() - self.offset;
+        (
+            self.offset,
+            self.nbytes().next_multiple_of(16).min(room).max(4),
+        )
     }
 
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
@@ -297,6 +333,8 @@ impl GpuContext {
             buf: Arc::new(PooledBuffer {
                 buffer: Some(buffer),
                 pool: None,
+                serial: 0,
+                bind_groups: Some(self.bind_groups.clone()),
             }),
             offset: 0,
             shape: shape.to_vec(),

@@ -933,3 +933,29 @@ fn gemv_over_attention_partials_matches_reduce_then_gemv() {
         assert!(matmul::gemv_partials(&mut s, &many, &w, &y, acc).is_err());
     }
 }
+
+/// Which free buffer the pool hands out depends only on which are free, not on the order
+/// they came back in (GPU completion callbacks): the earliest created first. So a step
+/// that allocates like one before it gets the same buffers, and its bind groups are found
+/// in the context's cache instead of being made again.
+#[test]
+fn pool_hands_out_the_earliest_created_free_buffer() {
+    let ctx = ctx();
+    // A size class no other test uses.
+    let n = 123_457;
+    let (a, b, c) = (
+        ctx.empty(&[n], DType::F32).unwrap(),
+        ctx.empty(&[n], DType::F32).unwrap(),
+        ctx.empty(&[n], DType::F32).unwrap(),
+    );
+    let raws = [a.buffer().clone(), b.buffer().clone(), c.buffer().clone()];
+    drop(c);
+    drop(a);
+    drop(b);
+    let mut held = Vec::new();
+    for raw in &raws {
+        let t = ctx.empty(&[n], DType::F32).unwrap();
+        assert!(t.buffer() == raw, "not the earliest-created free buffer");
+        held.push(t);
+    }
+}

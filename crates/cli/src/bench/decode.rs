@@ -151,6 +151,8 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
             100.0 / per_token / roofline
         );
     }
+    let (reused, created) = ctx.bind_group_stats();
+    println!("bind groups over the run: {reused} reused, {created} created");
     let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if ctx.features.contains(inside) {
         // The median of five steps' GPU spans (two timestamps each: no per-dispatch cost).
