@@ -24,7 +24,7 @@ use crate::error::{shape_err, Result};
 use crate::pipeline::Kernel;
 use crate::recorder::{grid, Step};
 use crate::tensor::Tensor;
-use crate::weight::Weight;
+use crate::weight::{Weight, WeightChunk};
 
 const ROUTE: &str = concat!(wgsl!("moe_route.wgsl"), include_str!("wgsl/moe_topk.wgsl"));
 const GEMV: &str = concat!(
@@ -538,17 +538,7 @@ fn grouped(
     let dummy = step.ctx.dummy()?.clone();
     let norm_w = norm.map_or(&dummy, |(g, _)| g);
     for c in &w.chunks {
-        // (The routing fields of the immediates are moe_gemv_routed's.)
-        let params = [
-            rows_per_expert as u32,
-            w.k as u32,
-            (c.row_start / rows_per_expert) as u32,
-            (c.rows / rows_per_expert) as u32,
-            norm.map_or(0.0, |(_, e)| e).to_bits(),
-            0,
-            0,
-            0,
-        ];
+        let params = chunk_params(rows_per_expert, w.k, c, norm.map_or(0.0, |(_, e)| e), None);
         let mut b = vec![x, &c.tensor, y, &r.tiles, &r.sorted];
         if gemv {
             b.push(norm_w);
@@ -561,6 +551,29 @@ fn grouped(
         )?;
     }
     Ok(())
+}
+
+/// The immediates of moe_bindings.wgsl for weight chunk `c` (whole experts of `rows`
+/// rows of `k`): the routing fields only for moe_gemv_routed (`routed`).
+fn chunk_params(
+    rows: usize,
+    k: usize,
+    c: &WeightChunk,
+    eps: f32,
+    routed: Option<&MoeShape>,
+) -> [u32; 8] {
+    let (experts, top_k, norm_topk) =
+        routed.map_or((0, 0, 0), |s| (s.experts, s.top_k, s.norm_topk as usize));
+    [
+        rows as u32,
+        k as u32,
+        (c.row_start / rows) as u32,
+        (c.rows / rows) as u32,
+        eps.to_bits(),
+        experts as u32,
+        top_k as u32,
+        norm_topk as u32,
+    ]
 }
 
 /// The whole MoE MLP of one layer: `y[T, H] = sum_j w_j down_j(silu(gate_j x) * up_j x)` for
@@ -768,16 +781,7 @@ fn routed_gate_up(
     let kernel = routed_gate_up_kernel(tpr, w.dtype, route_vpl(step.ctx, shape.experts));
     let groups_x = rows.div_ceil((GEMV_WG / tpr * GEMV_RPT) as usize) as u32;
     for c in &w.chunks {
-        let params = [
-            rows as u32,
-            w.k as u32,
-            (c.row_start / rows) as u32,
-            (c.rows / rows) as u32,
-            norm.1.to_bits(),
-            shape.experts as u32,
-            shape.top_k as u32,
-            shape.norm_topk as u32,
-        ];
+        let params = chunk_params(rows, w.k, c, norm.1, Some(shape));
         step.dispatch_at(
             &kernel,
             &[
