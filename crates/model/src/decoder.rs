@@ -44,6 +44,9 @@ enum Mlp {
         router: Weight,
         experts: ExpertWeights,
         shape: MoeShape,
+        /// `moe::router_fold` of this layer (the router through o_proj), for one-token
+        /// decode steps that route without a router dispatch.
+        fold: Option<Weight>,
     },
 }
 
@@ -52,12 +55,16 @@ impl Mlp {
         match self {
             Mlp::Dense { gate_up, down } => gate_up.nbytes() + down.nbytes(),
             Mlp::Moe {
-                router, experts, ..
-            } => router.nbytes() + experts.nbytes(),
+                router,
+                experts,
+                fold,
+                ..
+            } => router.nbytes() + experts.nbytes() + fold.as_ref().map_or(0, |f| f.nbytes()),
         }
     }
 
-    /// Bytes one token reads: the whole dense MLP, or the router and its k experts.
+    /// Bytes one token reads: the whole dense MLP, or the router and its k experts (the
+    /// model's; not the router fold, which is ours).
     fn active_bytes(&self) -> u64 {
         match self {
             Mlp::Dense { .. } => self.nbytes(),
@@ -65,6 +72,7 @@ impl Mlp {
                 router,
                 experts,
                 shape,
+                ..
             } => router.nbytes() + experts.nbytes() / experts.experts as u64 * shape.top_k as u64,
         }
     }
@@ -79,6 +87,19 @@ struct Layer {
     qk_norm: Option<(Tensor, Tensor)>,
     /// Qwen2: bias of the fused QKV projection.
     qkv_bias: Option<Tensor>,
+}
+
+impl Layer {
+    /// This layer with its `Mlp::Moe::fold` (`moe::router_fold`), where it is a MoE layer.
+    fn with_router_fold(mut self, ctx: &GpuContext) -> Result<Layer, ModelError> {
+        // The router's half rides on the qkv GEMV: the same dtype (GGUF may keep it f32).
+        if let Mlp::Moe { router, fold, .. } = &mut self.mlp {
+            if router.dtype == self.qkv.dtype && router.k == self.qkv.k {
+                *fold = moe::router_fold(ctx, router, &self.ffn_norm, &self.o)?;
+            }
+        }
+        Ok(self)
+    }
 }
 
 pub struct DecoderModel {
@@ -403,6 +424,7 @@ impl DecoderModel {
                             top_k: m.top_k,
                             norm_topk: m.norm_topk,
                         },
+                        fold: None,
                     }
                 }
                 None => {
@@ -440,20 +462,23 @@ impl DecoderModel {
             } else {
                 None
             };
-            layers.push(Layer {
-                qkv_bias,
-                attn_norm: l.norm(&p("input_layernorm.weight"), h)?,
-                qkv: l.weight(&p("qkv"), (hq + 2 * hkv) * d, h, qkv)?,
-                o: l.weight(
-                    &p("o_proj"),
-                    h,
-                    hq * d,
-                    l.f32(&p("self_attn.o_proj.weight"), h, hq * d)?,
-                )?,
-                ffn_norm: l.norm(&p("post_attention_layernorm.weight"), h)?,
-                mlp,
-                qk_norm,
-            });
+            layers.push(
+                Layer {
+                    qkv_bias,
+                    attn_norm: l.norm(&p("input_layernorm.weight"), h)?,
+                    qkv: l.weight(&p("qkv"), (hq + 2 * hkv) * d, h, qkv)?,
+                    o: l.weight(
+                        &p("o_proj"),
+                        h,
+                        hq * d,
+                        l.f32(&p("self_attn.o_proj.weight"), h, hq * d)?,
+                    )?,
+                    ffn_norm: l.norm(&p("post_attention_layernorm.weight"), h)?,
+                    mlp,
+                    qk_norm,
+                }
+                .with_router_fold(ctx)?,
+            );
         }
         bar.finish_and_clear();
         let lm_head = if cfg.tie_embeddings || !l.has("lm_head.weight") {
@@ -526,6 +551,7 @@ impl DecoderModel {
                             top_k: m.top_k,
                             norm_topk: m.norm_topk,
                         },
+                        fold: None,
                     }
                 }
                 None => Mlp::Dense {
@@ -533,25 +559,28 @@ impl DecoderModel {
                     down: w("ffn_down", h, f, 64)?,
                 },
             };
-            layers.push(Layer {
-                attn_norm: ones(h)?,
-                qkv: w("qkv", (hq + 2 * hkv) * d, h, 64)?,
-                o: w("attn_output", h, hq * d, 64)?,
-                ffn_norm: ones(h)?,
-                mlp,
-                qk_norm: if cfg.qk_norm {
-                    Some((ones(d)?, ones(d)?))
-                } else {
-                    None
-                },
-                // Zero biases: the dummy model's numbers need not be meaningful, only its cost.
-                qkv_bias: if cfg.qkv_bias {
-                    let n = (hq + 2 * hkv) * d;
-                    Some(ctx.upload_f32(&[n], DType::F32, &vec![0.0; n])?)
-                } else {
-                    None
-                },
-            });
+            layers.push(
+                Layer {
+                    attn_norm: ones(h)?,
+                    qkv: w("qkv", (hq + 2 * hkv) * d, h, 64)?,
+                    o: w("attn_output", h, hq * d, 64)?,
+                    ffn_norm: ones(h)?,
+                    mlp,
+                    qk_norm: if cfg.qk_norm {
+                        Some((ones(d)?, ones(d)?))
+                    } else {
+                        None
+                    },
+                    // Zero biases: the dummy model's numbers need not be meaningful, only its cost.
+                    qkv_bias: if cfg.qkv_bias {
+                        let n = (hq + 2 * hkv) * d;
+                        Some(ctx.upload_f32(&[n], DType::F32, &vec![0.0; n])?)
+                    } else {
+                        None
+                    },
+                }
+                .with_router_fold(ctx)?,
+            );
         }
         let lm_head = if cfg.tie_embeddings {
             None
@@ -602,16 +631,26 @@ impl DecoderModel {
         b
     }
 
-    /// Dispatches the MLP of one MoE layer records in a decode step of one sequence: router
-    /// GEMV, gate/up GEMV routing the token itself, down GEMV (one each per weight chunk),
-    /// the down projection carrying the combine and the residual add
-    /// (`MoeScratch::down_combine`).
-    pub fn moe_layer_dispatches(&self) -> Option<usize> {
+    /// Dispatches the MLP of one MoE layer records in a decode step of one sequence, and
+    /// whether its router rides on the attention's GEMVs (`Mlp::Moe::fold`): the router
+    /// GEMV unless folded, the gate/up GEMV routing the token itself and the down GEMV
+    /// carrying the combine and the residual add (`MoeScratch::down_combine`), one each per
+    /// weight chunk.
+    pub fn moe_layer_dispatches(&self) -> Option<(usize, bool)> {
         self.layers.iter().find_map(|l| match &l.mlp {
             Mlp::Moe {
-                router, experts, ..
+                router,
+                experts,
+                fold,
+                ..
             } => {
-                Some(router.chunks.len() + experts.gate_up.chunks.len() + experts.down.chunks.len())
+                let router = if fold.is_some() {
+                    0
+                } else {
+                    router.chunks.len()
+                };
+                let experts = experts.gate_up.chunks.len() + experts.down.chunks.len();
+                Some((router + experts, fold.is_some()))
             }
             Mlp::Dense { .. } => None,
         })
@@ -693,10 +732,37 @@ impl DecoderModel {
             if i == FIRST_FLUSH_LAYERS || (i > 0 && i % FLUSH_LAYERS == 0) {
                 step.flush()?;
             }
+            // A one-token MoE step routes from the layer's router fold: R diag(g) h_prev as
+            // tail rows of the qkv GEMV plus F a as tail rows of o_proj's, summed into the
+            // scratch logits, so no router dispatch (moe::router_fold).
+            let fold = match (&layer.mlp, &moe_scratch) {
+                (
+                    Mlp::Moe {
+                        router,
+                        fold: Some(f),
+                        ..
+                    },
+                    Some(s),
+                ) if fused
+                    && moe::takes_folded_logits(s)
+                    && [&layer.qkv, &layer.o].iter().all(|w| {
+                        matches!(matmul::fused_path(step, t, w), matmul::MatmulPath::Gemv)
+                    }) =>
+                {
+                    Some((router, f, s))
+                }
+                _ => None,
+            };
             if fused {
                 let f = matmul::Fusion {
                     norm: Some((&layer.attn_norm, eps)),
                     accumulate: false,
+                    tail: fold.map(|(r, _, s)| matmul::Tail {
+                        w: r,
+                        y: &s.logits,
+                        norm: Some(&layer.ffn_norm),
+                        accumulate: false,
+                    }),
                 };
                 matmul::matmul_fused(step, &residual, &layer.qkv, &qkv, f)?;
             } else {
@@ -730,18 +796,31 @@ impl DecoderModel {
                 let add = matmul::Fusion {
                     norm: None,
                     accumulate: true,
+                    tail: None,
                 };
+                let o_tail = fold.map(|(_, f, s)| matmul::Tail {
+                    w: f,
+                    y: &s.logits,
+                    norm: None,
+                    accumulate: true,
+                });
                 match attention::attention_rope_deferred(step, opts, &inputs, &rope, &attn, &take)?
                 {
-                    Some(p) => matmul::gemv_partials(step, &p, &layer.o, &residual, true)?,
-                    None => matmul::matmul_fused(step, &attn, &layer.o, &residual, add)?,
+                    Some(p) => matmul::gemv_partials(step, &p, &layer.o, &residual, true, o_tail)?,
+                    None => {
+                        let f = matmul::Fusion {
+                            tail: o_tail,
+                            ..add
+                        };
+                        matmul::matmul_fused(step, &attn, &layer.o, &residual, f)?
+                    }
                 }
                 let ffn_norm = Some((&layer.ffn_norm, eps));
                 match (&layer.mlp, &gate_up, &act, &moe_scratch) {
                     (Mlp::Dense { gate_up: w1, down }, Some(gu), Some(a), _) => {
                         let f = matmul::Fusion {
                             norm: ffn_norm,
-                            accumulate: false,
+                            ..Default::default()
                         };
                         matmul::matmul_fused(step, &residual, w1, gu, f)?;
                         activation::silu_mul(step, gu, a)?;
@@ -752,13 +831,20 @@ impl DecoderModel {
                             router,
                             experts,
                             shape,
+                            ..
                         },
                         _,
                         _,
                         Some(s),
                     ) => {
                         let norm = (&layer.ffn_norm, eps);
-                        moe::moe_add_normed(step, &residual, norm, router, experts, shape, s)?;
+                        let logits = match fold {
+                            Some(_) => moe::Logits::Folded,
+                            None => moe::Logits::Router,
+                        };
+                        moe::moe_add_normed(
+                            step, &residual, norm, router, experts, shape, s, logits,
+                        )?;
                     }
                     _ => return Err(missing_scratch()),
                 }
@@ -783,6 +869,7 @@ impl DecoderModel {
                         router,
                         experts,
                         shape,
+                        ..
                     },
                     _,
                     _,

@@ -243,7 +243,7 @@ fn run(case: &Case, options: &[AttentionOptions]) {
                     .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
                     .collect();
                 let w = Weight::upload_f32(ctx, "eye", k, k, DType::F16, &eye).unwrap();
-                matmul::gemv_partials(&mut st, &p, &w, &out2, false).unwrap();
+                matmul::gemv_partials(&mut st, &p, &w, &out2, false, None).unwrap();
                 st.submit_and_wait().unwrap();
                 assert_close(
                     &format!("reduce folded into a GEMV, seqs={:?} {opts:?}", case.seqs),

@@ -217,6 +217,7 @@ fn fused_gemv_norm_and_accumulate() {
             let f = matmul::Fusion {
                 norm: norm.then_some((&gt, eps)),
                 accumulate,
+                tail: None,
             };
             // Where the skinny matrix GEMM takes the rows, x goes in as f16.
             let path = matmul::fused_path(&s, m, &wt);
@@ -916,21 +917,156 @@ fn gemv_over_attention_partials_matches_reduce_then_gemv() {
             },
         };
         assert!(matmul::partials_fusable(&p, &w));
+        // Without and with tail rows (5 rows of a second matrix over the same reduced x,
+        // accumulated into their own output).
+        let rv = dt.round_trip(&randn(&mut r, 5 * k, 0.3));
+        let rt = Weight::upload_f32(ctx, "tail", 5, k, dt, &rv).unwrap();
+        let yt0 = randn(&mut r, t * 5, 1.0);
+        let mut want_t = matmul::cpu::matmul(&x, &rv, 5, k);
+        for (a, b) in want_t.iter_mut().zip(&yt0) {
+            *a += b;
+        }
+        for with_tail in [false, true] {
+            let y = ctx.upload_f32(&[t, n], DType::F32, &y0).unwrap();
+            let yt = ctx.upload_f32(&[t, 5], DType::F32, &yt0).unwrap();
+            let tail = with_tail.then_some(matmul::Tail {
+                w: &rt,
+                y: &yt,
+                norm: None,
+                accumulate: true,
+            });
+            let mut s = Step::new(ctx);
+            matmul::gemv_partials(&mut s, &p, &w, &y, acc, tail).unwrap();
+            s.submit_and_wait().unwrap();
+            let what = format!("gemv over partials t={t} splits={splits} {dt} tail {with_tail}");
+            assert_close(&what, &y.to_f32_vec(ctx).unwrap(), &want, F32_ACCUM_TOL);
+            if with_tail {
+                let got = yt.to_f32_vec(ctx).unwrap();
+                assert_close(&format!("{what}: tail rows"), &got, &want_t, F32_ACCUM_TOL);
+            }
+        }
         let y = ctx.upload_f32(&[t, n], DType::F32, &y0).unwrap();
-        let mut s = Step::new(ctx);
-        matmul::gemv_partials(&mut s, &p, &w, &y, acc).unwrap();
-        s.submit_and_wait().unwrap();
-        assert_close(
-            &format!("gemv over partials t={t} splits={splits} {dt}"),
-            &y.to_f32_vec(ctx).unwrap(),
-            &want,
-            F32_ACCUM_TOL,
-        );
         // More splits than the GEMV takes: an error, and the caller reduces instead.
         let many = Partials { splits: 4, ..p };
         assert!(!matmul::partials_fusable(&many, &w));
         let mut s = Step::new(ctx);
-        assert!(matmul::gemv_partials(&mut s, &many, &w, &y, acc).is_err());
+        assert!(matmul::gemv_partials(&mut s, &many, &w, &y, acc, None).is_err());
+    }
+}
+
+/// Tail rows (a second matrix over the same x in the same dispatch, into its own output):
+/// with a folded norm the tail scales x by its own weight and not by 1/rms (the router
+/// half of a one-token MoE step); without, a plain product; stored or accumulated; the main
+/// matrix in one chunk or several (the tail rides on the last chunk's dispatch).
+#[test]
+fn gemv_tail_rows_beside_the_main_product() {
+    let ctx = ctx();
+    // (m, n, k, tail rows, dtype, main chunk bytes)
+    for (i, (m, n, k, nt, dt, chunk)) in [
+        (1usize, 300usize, 256usize, 16usize, DType::F16, u64::MAX),
+        (1, 200, 136, 12, DType::BF16, 64 * 136 * 2),
+        (3, 130, 64, 5, DType::F32, u64::MAX),
+        (2, 96, 1000, 128, DType::F16, 64 * 1000 * 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for norm in [true, false] {
+            let mut r = rng(900 + i as u64);
+            let x = randn(&mut r, m * k, 3.0);
+            let (g, g2) = (randn(&mut r, k, 1.0), randn(&mut r, k, 1.0));
+            let w = dt.round_trip(&randn(&mut r, n * k, 0.5));
+            let rw = dt.round_trip(&randn(&mut r, nt * k, 0.5));
+            let (y0, yt0) = (randn(&mut r, m * n, 1.0), randn(&mut r, m * nt, 1.0));
+            let eps = 1e-6;
+            let wt = Weight::upload_chunked(ctx, "w", n, k, dt, &dt.encode_f32(&w), chunk).unwrap();
+            let rt = Weight::upload_f32(ctx, "tail", nt, k, dt, &rw).unwrap();
+            let xt = ctx.upload_f32(&[m, k], DType::F32, &x).unwrap();
+            let gt = ctx.upload_f32(&[k], DType::F32, &g).unwrap();
+            let g2t = ctx.upload_f32(&[k], DType::F32, &g2).unwrap();
+            let y = ctx.upload_f32(&[m, n], DType::F32, &y0).unwrap();
+            let yt = ctx.upload_f32(&[m, nt], DType::F32, &yt0).unwrap();
+            // Normed: both stored (the qkv GEMV's case); plain: both accumulated (o_proj's).
+            if norm {
+                y.poison(ctx);
+                yt.poison(ctx);
+            }
+            let f = matmul::Fusion {
+                norm: norm.then_some((&gt, eps)),
+                accumulate: !norm,
+                tail: Some(matmul::Tail {
+                    w: &rt,
+                    y: &yt,
+                    norm: norm.then_some(&g2t),
+                    accumulate: !norm,
+                }),
+            };
+            let mut s = Step::new(ctx);
+            matmul::matmul_fused(&mut s, &xt, &wt, &y, f).unwrap();
+            s.submit_and_wait().unwrap();
+            let (xm, xt2) = match norm {
+                true => (
+                    rmsnorm::cpu::rmsnorm(&x, &g, eps),
+                    x.chunks(k)
+                        .flat_map(|row| row.iter().zip(&g2).map(|(a, b)| a * b))
+                        .collect(),
+                ),
+                false => (x.clone(), x.clone()),
+            };
+            let mut want = matmul::cpu::matmul(&xm, &w, n, k);
+            let mut want_t = matmul::cpu::matmul(&xt2, &rw, nt, k);
+            if !norm {
+                want.iter_mut().zip(&y0).for_each(|(a, b)| *a += b);
+                want_t.iter_mut().zip(&yt0).for_each(|(a, b)| *a += b);
+            }
+            let what = format!("tail rows m={m} n={n} k={k} tail {nt} {dt} norm={norm}");
+            let tol = F32_ACCUM_TOL * (k as f64).sqrt();
+            assert_close(&what, &y.to_f32_vec(ctx).unwrap(), &want, tol);
+            let got = yt.to_f32_vec(ctx).unwrap();
+            assert_close(&format!("{what}: tail"), &got, &want_t, tol);
+        }
+    }
+    // A tail that does not match its GEMV: an error, not a wrong product.
+    let wt = Weight::upload_f32(ctx, "w", 8, 64, DType::F16, &[0.5; 512]).unwrap();
+    let other_k = Weight::upload_f32(ctx, "tail", 4, 72, DType::F16, &[0.5; 288]).unwrap();
+    let xt = ctx.upload_f32(&[1, 64], DType::F32, &[1.0; 64]).unwrap();
+    let gt = ctx.upload_f32(&[64], DType::F32, &[1.0; 64]).unwrap();
+    let (y, yt) = (
+        ctx.empty(&[1, 8], DType::F32).unwrap(),
+        ctx.empty(&[1, 4], DType::F32).unwrap(),
+    );
+    let tail = |w, norm| {
+        Some(matmul::Tail {
+            w,
+            y: &yt,
+            norm,
+            accumulate: false,
+        })
+    };
+    let same = Weight::upload_f32(ctx, "tail", 4, 64, DType::F16, &[0.5; 256]).unwrap();
+    for (what, norm, t) in [
+        ("another K", None, tail(&other_k, None)),
+        (
+            "a tail norm without the GEMV's",
+            None,
+            tail(&same, Some(&gt)),
+        ),
+        (
+            "no tail norm beside the GEMV's",
+            Some((&gt, 1e-6)),
+            tail(&same, None),
+        ),
+    ] {
+        let f = matmul::Fusion {
+            norm,
+            accumulate: false,
+            tail: t,
+        };
+        let mut s = Step::new(ctx);
+        assert!(
+            matmul::matmul_fused(&mut s, &xt, &wt, &y, f).is_err(),
+            "{what}"
+        );
     }
 }
 

@@ -461,7 +461,18 @@ fn decode_layer_with_folded_norm_and_residual_add() {
             );
             scratch.down_combine = down_combine;
             let mut s = Step::new(ctx);
-            moe::moe_add_normed(&mut s, &xt, (&gt, 1e-6), &rw, &w.gpu, &shape, &scratch).unwrap();
+            let logits = moe::Logits::Router;
+            moe::moe_add_normed(
+                &mut s,
+                &xt,
+                (&gt, 1e-6),
+                &rw,
+                &w.gpu,
+                &shape,
+                &scratch,
+                logits,
+            )
+            .unwrap();
             s.submit_and_wait().unwrap();
             assert_close(
                 &format!("folded-norm moe layer t={t} {dt} down+combine {down_combine}"),
@@ -469,7 +480,83 @@ fn decode_layer_with_folded_norm_and_residual_add() {
                 &want,
                 2e-4,
             );
+            // The router fold's logits, R diag(g) x short of x's 1/rms, summed (on the GPU
+            // by the qkv and o_proj GEMVs' tail rows): the gate/up GEMV finds the 1/rms
+            // itself and routes the same; taken only by one token routed in the GEMV.
+            let raw = vllm_apple_ops::kernels::matmul::cpu::matmul(
+                &x.iter()
+                    .zip(g.iter().cycle())
+                    .map(|(a, b)| a * b)
+                    .collect::<Vec<_>>(),
+                &router,
+                e,
+                h,
+            );
+            scratch.logits.write_f32(ctx, &raw).unwrap();
+            let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
+            let mut s = Step::new(ctx);
+            let folded = moe::Logits::Folded;
+            let run = moe::moe_add_normed(
+                &mut s,
+                &xt,
+                (&gt, 1e-6),
+                &rw,
+                &w.gpu,
+                &shape,
+                &scratch,
+                folded,
+            );
+            assert_eq!(run.is_ok(), t == 1 && down_combine, "t={t} {down_combine}");
+            if run.is_ok() {
+                s.submit_and_wait().unwrap();
+                assert_close(
+                    &format!("moe layer from folded logits {dt}"),
+                    &xt.to_f32_vec(ctx).unwrap(),
+                    &want,
+                    2e-4,
+                );
+            }
         }
+    }
+}
+
+/// The router carried through o_proj, F = R diag(g) W_o, against the CPU in f64 rounded
+/// once to o_proj's dtype, for each pairing of dtypes (a GGUF router may be f32).
+#[test]
+fn router_fold_matches_cpu() {
+    let ctx = ctx();
+    let mut r = rng(97);
+    // (experts, hidden, o_proj input, router dtype, o_proj dtype, tolerance)
+    for (e, h, k, rdt, odt, tol) in [
+        (16usize, 136usize, 200usize, DType::F16, DType::F16, 1e-3),
+        (12, 64, 72, DType::F32, DType::BF16, 8e-3),
+        (5, 40, 64, DType::BF16, DType::F32, 1e-5),
+    ] {
+        let router = rdt.round_trip(&randn(&mut r, e * h, 0.2));
+        let g = randn(&mut r, h, 1.0);
+        let wo = odt.round_trip(&randn(&mut r, h * k, 0.3));
+        let mut want = vec![0f32; e * k];
+        for ei in 0..e {
+            for j in 0..k {
+                want[ei * k + j] = (0..h)
+                    .map(|i| router[ei * h + i] as f64 * g[i] as f64 * wo[i * k + j] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        let want = odt.round_trip(&want);
+        let rw = Weight::upload_f32(ctx, "router", e, h, rdt, &router).unwrap();
+        let ow = Weight::upload_f32(ctx, "o", h, k, odt, &wo).unwrap();
+        let gt = ctx.upload_f32(&[h], DType::F32, &g).unwrap();
+        let f = moe::router_fold(ctx, &rw, &gt, &ow).unwrap().unwrap();
+        assert_eq!((f.n, f.k, f.dtype, f.chunks.len()), (e, k, odt, 1));
+        let got = f.chunks[0].tensor.to_f32_vec(ctx).unwrap();
+        assert_close(&format!("router fold {rdt} x {odt}"), &got, &want, tol);
+        // A router in two chunks: no fold (its half could not ride on one GEMV binding).
+        let bytes = rdt.encode_f32(&router);
+        let row = (h * rdt.size()) as u64;
+        let split = Weight::upload_grouped(ctx, "router", e, h, rdt, &bytes, 1, row).unwrap();
+        assert!(split.chunks.len() > 1);
+        assert!(moe::router_fold(ctx, &split, &gt, &ow).unwrap().is_none());
     }
 }
 

@@ -108,11 +108,17 @@ pub fn run(opts: &ContextOptions, args: Args) -> Result<()> {
         total / 1e9,
         bytes / 1e9
     );
-    if let Some(n) = model.moe_layer_dispatches() {
-        println!(
+    match model.moe_layer_dispatches() {
+        Some((n, true)) => println!(
+            "MoE layer: {n} dispatches per decode step (routing + gate/up GEMV + norm + \
+             SiLU-mul, down GEMV + combine + residual add; the router's logits from extra \
+             rows of the qkv and o_proj GEMVs)"
+        ),
+        Some((n, false)) => println!(
             "MoE layer: {n} dispatches per decode step (router GEMV + norm, routing + \
              gate/up GEMV + norm + SiLU-mul, down GEMV + combine + residual add)"
-        );
+        ),
+        None => {}
     }
     println!(
         "device: {} ({:?}); copy kernel {:.1} GB/s",

@@ -12,9 +12,11 @@ use crate::error::{shape_err, Result};
 use crate::pipeline::Kernel;
 use crate::recorder::{grid, Step};
 use crate::tensor::Tensor;
-use crate::weight::Weight;
+use crate::weight::{Weight, WeightChunk};
 
-const GEMV: &str = wgsl!("gemv.wgsl");
+const GEMV: &str = concat!(wgsl!("gemv_no_tail.wgsl"), include_str!("wgsl/gemv.wgsl"));
+/// The GEMV with tail rows (`Tail`).
+const GEMV_TAIL: &str = concat!(wgsl!("gemv_tail.wgsl"), include_str!("wgsl/gemv.wgsl"));
 const GEMM: &str = wgsl!("gemm.wgsl");
 /// The dense matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
 const GEMM_COOP: CoopSources = coop_gemm_variants!("gemm_coop.wgsl", "gemm_coop_dense.wgsl");
@@ -112,8 +114,15 @@ impl GemvConfig {
     }
 }
 
-fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -> Kernel {
-    gemv_base(m, c, dtype, norm, accum)
+fn gemv_kernel(
+    m: usize,
+    c: GemvConfig,
+    dtype: DType,
+    norm: bool,
+    accum: bool,
+    tail: Option<bool>,
+) -> Kernel {
+    gemv_base(m, c, dtype, norm, accum, tail)
         .bool("SPLITX", false)
         .u32("HQ", 1)
         .u32("HG", 1)
@@ -121,15 +130,26 @@ fn gemv_kernel(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -
         .u32("MAXS", 1)
 }
 
-fn gemv_base(m: usize, c: GemvConfig, dtype: DType, norm: bool, accum: bool) -> Kernel {
-    Kernel::new("gemv.wgsl", GEMV, "gemv")
-        .u32("M", m as u32)
-        .u32("WG", c.wg)
-        .u32("TPR", c.tpr)
-        .u32("RPT", c.rpt)
-        .u32("W_DTYPE", dtype.float_code())
-        .bool("NORM", norm)
-        .bool("ACCUM", accum)
+/// `tail`: with tail rows (`Tail`), accumulated into their output or not.
+fn gemv_base(
+    m: usize,
+    c: GemvConfig,
+    dtype: DType,
+    norm: bool,
+    accum: bool,
+    tail: Option<bool>,
+) -> Kernel {
+    match tail {
+        Some(a) => Kernel::new("gemv.wgsl+tail", GEMV_TAIL, "gemv").bool("TAIL_ACCUM", a),
+        None => Kernel::new("gemv.wgsl", GEMV, "gemv"),
+    }
+    .u32("M", m as u32)
+    .u32("WG", c.wg)
+    .u32("TPR", c.tpr)
+    .u32("RPT", c.rpt)
+    .u32("W_DTYPE", dtype.float_code())
+    .bool("NORM", norm)
+    .bool("ACCUM", accum)
 }
 
 /// The GEMV whose x is decode attention's split-K partials (`gemv_partials`), for `shape`
@@ -139,10 +159,11 @@ fn gemv_partials_kernel(
     c: GemvConfig,
     dtype: DType,
     accum: bool,
+    tail: Option<bool>,
     shape: AttnShape,
     max_splits: usize,
 ) -> Kernel {
-    gemv_base(m, c, dtype, false, accum)
+    gemv_base(m, c, dtype, false, accum, tail)
         .bool("SPLITX", true)
         .u32("HQ", shape.q_heads as u32)
         .u32("HG", (shape.q_heads / shape.kv_heads.max(1)) as u32)
@@ -182,6 +203,7 @@ pub fn gemv_partials(
     w: &Weight,
     y: &Tensor,
     accumulate: bool,
+    tail: Option<Tail>,
 ) -> Result<()> {
     if !partials_fusable(p, w) {
         return Err(shape_err(
@@ -199,16 +221,23 @@ pub fn gemv_partials(
     if !cfg.valid(m, step.ctx.info.subgroup_max_size) {
         cfg = GemvConfig::for_shape(m, usize::MAX);
     }
-    let kernel = gemv_partials_kernel(
-        m,
-        cfg,
-        w.dtype,
-        accumulate,
-        p.shape,
-        p.splits.next_power_of_two(),
-    );
+    let kernel = |tail: Option<bool>| {
+        gemv_partials_kernel(
+            m,
+            cfg,
+            w.dtype,
+            accumulate,
+            tail,
+            p.shape,
+            p.splits.next_power_of_two(),
+        )
+    };
     let dummy = step.ctx.dummy()?.clone();
-    for c in &w.chunks {
+    let rpg = cfg.rows_per_group();
+    for (i, c) in w.chunks.iter().enumerate() {
+        // The tail rides on the last chunk's dispatch.
+        let tail = tail.filter(|_| i + 1 == w.chunks.len());
+        let n_tail = tail.map_or(0, |t| t.w.n);
         let params = [
             c.rows as u32,
             k as u32,
@@ -217,13 +246,28 @@ pub fn gemv_partials(
             0,
             p.shape.kv_heads as u32,
             p.splits as u32,
+            n_tail as u32,
         ];
-        step.dispatch(
-            &kernel,
-            &[&p.part, &c.tensor, y, &dummy, &p.ml],
-            &params,
-            grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group())),
-        )?;
+        let groups = grid(step.ctx, c.rows.div_ceil(rpg) + n_tail.div_ceil(rpg));
+        match tail {
+            Some(t) => {
+                let tc = t.check(m, w, false)?;
+                step.dispatch(
+                    &kernel(Some(t.accumulate)),
+                    &[
+                        &p.part, &c.tensor, y, &dummy, &p.ml, &tc.tensor, t.y, &dummy,
+                    ],
+                    &params,
+                    groups,
+                )?
+            }
+            None => step.dispatch(
+                &kernel(None),
+                &[&p.part, &c.tensor, y, &dummy, &p.ml],
+                &params,
+                groups,
+            )?,
+        }
     }
     Ok(())
 }
@@ -235,6 +279,57 @@ pub fn gemv_partials(
 pub struct Fusion<'a> {
     pub norm: Option<(&'a Tensor, f32)>,
     pub accumulate: bool,
+    /// Rows of a second matrix in the same dispatch (GEMV path only).
+    pub tail: Option<Tail<'a>>,
+}
+
+/// Rows of a second matrix that a decode GEMV computes beside its own, in the same
+/// dispatch (gemv_tail.wgsl): `y (+)= x' W^T` with the GEMV's x, where x' is x scaled by
+/// `norm` (without the 1/rms) when the GEMV folds a norm, else x as the GEMV sees it. `w`:
+/// `[n, K]` in one chunk, of the GEMV's dtype and K; `y`: `[M, n]` f32. A one-token decode
+/// step's router halves ride on its qkv and o_proj GEMVs this way (`moe::router_fold`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tail<'a> {
+    pub w: &'a Weight,
+    pub y: &'a Tensor,
+    /// The tail's norm weight: present exactly when the GEMV folds a norm.
+    pub norm: Option<&'a Tensor>,
+    pub accumulate: bool,
+}
+
+impl Tail<'_> {
+    /// Checks the tail against the GEMV's `m` rows of x times `w`, normed or not; its
+    /// weight's one chunk.
+    fn check(&self, m: usize, w: &Weight, norm: bool) -> Result<&WeightChunk> {
+        let [c] = self.w.chunks.as_slice() else {
+            return Err(shape_err(
+                "matmul tail",
+                "tail weight in more than one chunk",
+            ));
+        };
+        if self.w.k != w.k || self.w.dtype != w.dtype || self.norm.is_some() != norm {
+            return Err(shape_err(
+                "matmul tail",
+                format!(
+                    "tail [{}, {}] {} (norm {}) beside [{}, {}] {} (norm {norm})",
+                    self.w.n,
+                    self.w.k,
+                    self.w.dtype,
+                    self.norm.is_some(),
+                    w.n,
+                    w.k,
+                    w.dtype
+                ),
+            ));
+        }
+        expect_dtype("matmul tail", self.y, DType::F32)?;
+        expect_len("matmul tail", "y", self.y, m * self.w.n)?;
+        if let Some(g) = self.norm {
+            expect_dtype("matmul tail norm weight", g, DType::F32)?;
+            expect_len("matmul tail", "norm weight", g, w.k)?;
+        }
+        Ok(c)
+    }
 }
 
 /// Largest M `matmul_fused` takes: each token adds a sum of squares to the GEMV's
@@ -643,6 +738,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         GemvConfig::for_shape(1, 4096),
         DType::F16,
         true,
+        None,
         AttnShape {
             q_heads: 32,
             kv_heads: 4,
@@ -657,6 +753,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
             dt,
             false,
             false,
+            None,
         ));
         v.push(gemm_kernel(dt));
     }
@@ -670,6 +767,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::F16,
         false,
         false,
+        None,
     ));
     v.push(gemv_kernel(
         32,
@@ -677,6 +775,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::F16,
         false,
         false,
+        None,
     ));
     v.push(gemv_kernel(
         1,
@@ -684,6 +783,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::F16,
         false,
         false,
+        None,
     ));
     // The decode fusions: a normed input, an accumulated output, both, for each dtype.
     for dt in [DType::F32, DType::F16, DType::BF16] {
@@ -694,9 +794,35 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
                 dt,
                 norm,
                 accum,
+                None,
             ));
         }
     }
+    // The tail rows of a one-token decode step's qkv (normed) and o_proj (over attention
+    // partials, accumulated) GEMVs.
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        v.push(gemv_kernel(
+            1,
+            GemvConfig::for_shape(1, 2048),
+            dt,
+            true,
+            false,
+            Some(false),
+        ));
+    }
+    v.push(gemv_partials_kernel(
+        1,
+        GemvConfig::for_shape(1, 4096),
+        DType::BF16,
+        true,
+        Some(true),
+        AttnShape {
+            q_heads: 16,
+            kv_heads: 4,
+            head_dim: 128,
+        },
+        2,
+    ));
     v.push(gemv_kernel(
         3,
         GemvConfig {
@@ -707,6 +833,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         DType::BF16,
         false,
         false,
+        None,
     ));
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
@@ -880,6 +1007,12 @@ fn gemm_checked(
         }
         p => p,
     };
+    if fusion.tail.is_some() && path != MatmulPath::Gemv {
+        return Err(shape_err(
+            "matmul",
+            format!("tail rows need the GEMV path, not {path:?}"),
+        ));
+    }
     // The GEMV's and the skinny GEMM's norm binding: the norm weight, or a dummy.
     let eps = fusion.norm.map_or(0.0, |(_, e)| e).to_bits();
     let dummy;
@@ -890,7 +1023,7 @@ fn gemm_checked(
             &dummy
         }
     };
-    for c in &w.chunks {
+    for (i, c) in w.chunks.iter().enumerate() {
         let n = c.rows as u32;
         match path {
             MatmulPath::Gemv => {
@@ -904,14 +1037,34 @@ fn gemm_checked(
                         format!("invalid GEMV split {cfg:?} for M={m}"),
                     ));
                 }
+                // The tail rides on the last chunk's dispatch.
+                let tail = fusion.tail.filter(|_| i + 1 == w.chunks.len());
+                let tail_chunk = match &tail {
+                    Some(t) => Some(t.check(m, w, fusion.norm.is_some())?),
+                    None => None,
+                };
+                let n_tail = tail.map_or(0, |t| t.w.n);
                 let params = [n, k as u32, c.row_start as u32, w.n as u32, eps, 0, 0];
-                let groups = grid(step.ctx, c.rows.div_ceil(cfg.rows_per_group()));
-                step.dispatch(
-                    &gemv_kernel(m, cfg, w.dtype, fusion.norm.is_some(), fusion.accumulate),
-                    &[x, &c.tensor, y, g, g],
-                    &params,
-                    groups,
-                )?;
+                let params = [&params[..], &[n_tail as u32]].concat();
+                let rpg = cfg.rows_per_group();
+                let groups = grid(step.ctx, c.rows.div_ceil(rpg) + n_tail.div_ceil(rpg));
+                let kernel = gemv_kernel(
+                    m,
+                    cfg,
+                    w.dtype,
+                    fusion.norm.is_some(),
+                    fusion.accumulate,
+                    tail.map(|t| t.accumulate),
+                );
+                match (tail, tail_chunk) {
+                    (Some(t), Some(tc)) => step.dispatch(
+                        &kernel,
+                        &[x, &c.tensor, y, g, g, &tc.tensor, t.y, t.norm.unwrap_or(g)],
+                        &params,
+                        groups,
+                    )?,
+                    _ => step.dispatch(&kernel, &[x, &c.tensor, y, g, g], &params, groups)?,
+                }
             }
             MatmulPath::Skinny => {
                 let s = frag_size(step.ctx);

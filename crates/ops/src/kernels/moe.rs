@@ -35,6 +35,7 @@ const GEMV: &str = concat!(
 );
 const COMBINE: &str = wgsl!("moe_combine.wgsl");
 const DOWN_COMBINE: &str = wgsl!("moe_down_combine.wgsl");
+const ROUTER_FOLD: &str = wgsl!("router_fold.wgsl");
 /// The experts' matrix GEMM by staging (scalar, vec4) and output (f32, vec4<f32>).
 const COOP: CoopSources =
     coop_gemm_variants!("moe_coop.wgsl", "moe_bindings.wgsl", "moe_coop.wgsl");
@@ -256,13 +257,17 @@ fn gemv_tpr(ctx: &GpuContext, k: usize, tokens: usize) -> u32 {
 }
 
 fn gemv_kernel(mt: u32, tpr: u32, dtype: DType, act: bool, gather: bool, norm: bool) -> Kernel {
-    gemv_base("moe_gemv", mt, tpr, dtype, act, gather, norm).u32("VPL", 1)
+    gemv_base("moe_gemv", mt, tpr, dtype, act, gather, norm)
+        .u32("VPL", 1)
+        .bool("LOGIT_RSTD", false)
 }
 
 /// The gate/up GEMV (+ SiLU-mul, folded RMSNorm) of one token that routes it itself;
-/// `vpl` as for `route_kernel`.
-fn routed_gate_up_kernel(tpr: u32, dtype: DType, vpl: u32) -> Kernel {
-    gemv_base("moe_gemv_routed", 1, tpr, dtype, true, false, true).u32("VPL", vpl)
+/// `vpl` as for `route_kernel`; `folded`: from `Logits::Folded`.
+fn routed_gate_up_kernel(tpr: u32, dtype: DType, vpl: u32, folded: bool) -> Kernel {
+    gemv_base("moe_gemv_routed", 1, tpr, dtype, true, false, true)
+        .u32("VPL", vpl)
+        .bool("LOGIT_RSTD", folded)
 }
 
 fn gemv_base(
@@ -304,6 +309,12 @@ fn down_combine_kernel(tpr: u32, dtype: DType) -> Kernel {
         .u32("W_DTYPE", dtype.float_code())
 }
 
+fn router_fold_kernel(router: DType, o: DType) -> Kernel {
+    Kernel::new("router_fold.wgsl", ROUTER_FOLD, "router_fold")
+        .u32("R_DTYPE", router.float_code())
+        .u32("O_DTYPE", o.float_code())
+}
+
 fn combine_kernel(accumulate: bool) -> Kernel {
     Kernel::new("moe_combine.wgsl", COMBINE, "moe_combine").bool("ACCUM", accumulate)
 }
@@ -317,6 +328,9 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         down_combine_kernel(32, DType::F32),
         combine_kernel(false),
         combine_kernel(true),
+        router_fold_kernel(DType::F16, DType::F16),
+        router_fold_kernel(DType::F32, DType::BF16),
+        router_fold_kernel(DType::BF16, DType::F32),
     ];
     for &s in coop_sizes {
         for sub_epilogue in [false, true] {
@@ -340,8 +354,10 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
         v.push(gemv_kernel(mt, 32, dt, act, act, false));
         v.push(gemv_kernel(mt, 32, dt, act, act, true));
     }
-    v.push(routed_gate_up_kernel(32, DType::F16, 4));
-    v.push(routed_gate_up_kernel(64, DType::BF16, 16));
+    v.push(routed_gate_up_kernel(32, DType::F16, 4, false));
+    v.push(routed_gate_up_kernel(64, DType::BF16, 16, false));
+    v.push(routed_gate_up_kernel(32, DType::F16, 4, true));
+    v.push(routed_gate_up_kernel(32, DType::F32, 16, true));
     v
 }
 
@@ -693,6 +709,61 @@ fn route_gate_up(
     )
 }
 
+/// The router carried through the attention's output projection, `F = R diag(g) W_o`
+/// (`[E, K]` in o_proj's dtype) for the router `R` `[E, H]`, the post-attention RMSNorm
+/// weight `g` `[H]` and o_proj `W_o` `[H, K]`, computed on the GPU (router_fold.wgsl).
+/// With `h = h_prev + W_o a`, the router logits of `rmsnorm(h) * g` are
+/// `rstd(h) (R diag(g) h_prev + F a)`: a one-token decode step gets the two halves from
+/// the qkv and o_proj GEMVs (`matmul::Tail`) and routes from their sum
+/// (`moe_add_normed`'s `Logits::Folded`), without a router dispatch. `None` where it does
+/// not apply: a router or o_proj in more than one chunk, or an odd K of f16 / bf16.
+pub fn router_fold(
+    ctx: &GpuContext,
+    router: &Weight,
+    norm: &Tensor,
+    o: &Weight,
+) -> Result<Option<Weight>> {
+    let (h, k) = (o.n, o.k);
+    if router.k != h {
+        return Err(shape_err(
+            "router fold",
+            format!(
+                "router [{}, {}] against o_proj [{h}, {k}]",
+                router.n, router.k
+            ),
+        ));
+    }
+    expect_dtype("router fold", norm, DType::F32)?;
+    expect_len("router fold", "norm weight", norm, h)?;
+    let per_word = if o.dtype == DType::F32 { 1 } else { 2 };
+    let ([r], [wo]) = (router.chunks.as_slice(), o.chunks.as_slice()) else {
+        return Ok(None);
+    };
+    if !k.is_multiple_of(per_word) {
+        return Ok(None);
+    }
+    let words = k / per_word;
+    let out = ctx.persistent("router fold", &[router.n, k], o.dtype)?;
+    let mut step = Step::new(ctx);
+    step.dispatch(
+        &router_fold_kernel(router.dtype, o.dtype),
+        &[&r.tensor, norm, &wo.tensor, &out],
+        &[router.n as u32, h as u32, words as u32],
+        [words.div_ceil(64) as u32, router.n as u32, 1],
+    )?;
+    step.submit()?;
+    Ok(Some(Weight {
+        n: router.n,
+        k,
+        dtype: o.dtype,
+        chunks: vec![WeightChunk {
+            row_start: 0,
+            rows: router.n,
+            tensor: out,
+        }],
+    }))
+}
+
 /// Whether `moe_add_normed` runs for this layer and scratch: decode-sized batches, whose
 /// router and expert GEMMs take the GEMV path.
 pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
@@ -700,11 +771,30 @@ pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
         && matmul::fusable(scratch.routing.tokens, router)
 }
 
+/// Where `moe_add_normed` gets the router logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// From a router GEMV over the normed rows, into `MoeScratch::logits`.
+    Router,
+    /// `MoeScratch::logits` already holds `R diag(g) x`, the logits short of x's 1/rms: the
+    /// two halves of `router_fold` summed by the qkv and o_proj GEMVs' tail rows. Only where
+    /// `takes_folded_logits`.
+    Folded,
+}
+
+/// Whether `moe_add_normed` takes `Logits::Folded` with this scratch: one token, routed
+/// inside the gate/up GEMV.
+pub fn takes_folded_logits(scratch: &MoeScratch) -> bool {
+    scratch.routing.tokens == 1 && scratch.down_combine
+}
+
 /// The whole MoE layer of a decode step added into the residual stream:
 /// `residual += moe(rmsnorm(residual) * norm_w)`, with the RMSNorm (`norm`: weight, eps)
 /// folded into the router GEMV and the gate/up GEMV (see `fusable`), and the combine added
 /// into `residual` by its own dispatch or, with `scratch.down_combine`, inside the down
-/// projection. The layer needs no norm or add dispatch of its own.
+/// projection. The layer needs no norm or add dispatch of its own, and with
+/// `Logits::Folded` no router dispatch either.
+#[allow(clippy::too_many_arguments)]
 pub fn moe_add_normed(
     step: &mut Step,
     residual: &Tensor,
@@ -713,6 +803,7 @@ pub fn moe_add_normed(
     experts: &ExpertWeights,
     shape: &MoeShape,
     scratch: &MoeScratch,
+    logits: Logits,
 ) -> Result<()> {
     if !fusable(router, scratch) {
         return Err(shape_err(
@@ -729,14 +820,26 @@ pub fn moe_add_normed(
         residual,
         scratch.routing.tokens * experts.hidden,
     )?;
-    let f = matmul::Fusion {
-        norm: Some(norm),
-        accumulate: false,
-    };
-    matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
+    match logits {
+        Logits::Router => {
+            let f = matmul::Fusion {
+                norm: Some(norm),
+                ..Default::default()
+            };
+            matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
+        }
+        Logits::Folded if !takes_folded_logits(scratch) => {
+            return Err(shape_err(
+                "moe",
+                "folded router logits need one token routed inside the gate/up GEMV",
+            ));
+        }
+        Logits::Folded => {}
+    }
     if scratch.down_combine {
         if scratch.routing.tokens == 1 {
-            routed_gate_up(step, residual, norm, experts, shape, scratch)?;
+            let folded = logits == Logits::Folded;
+            routed_gate_up(step, residual, norm, experts, shape, scratch, folded)?;
         } else {
             route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
         }
@@ -753,7 +856,8 @@ pub fn moe_add_normed(
 }
 
 /// The gate/up GEMV (+ SiLU-mul) of one token with the RMSNorm folded in, routing the token
-/// itself from `s.logits` (moe_gemv_routed): workgroup row j computes pick j's rows into
+/// itself from `s.logits` (moe_gemv_routed; `folded`: `Logits::Folded`, the kernel finds
+/// the 1/rms the logits lack): workgroup row j computes pick j's rows into
 /// `s.act` row j and leaves the picks in `s.routing` (pair j at row j) for `down_combine`.
 /// One dispatch per expert chunk, none for routing.
 fn routed_gate_up(
@@ -763,6 +867,7 @@ fn routed_gate_up(
     experts: &ExpertWeights,
     shape: &MoeShape,
     s: &MoeScratch,
+    folded: bool,
 ) -> Result<()> {
     let w = &experts.gate_up;
     let r = &s.routing;
@@ -778,7 +883,8 @@ fn routed_gate_up(
     }
     let rows = 2 * experts.ffn;
     let tpr = gemv_tpr(step.ctx, w.k, 1);
-    let kernel = routed_gate_up_kernel(tpr, w.dtype, route_vpl(step.ctx, shape.experts));
+    let vpl = route_vpl(step.ctx, shape.experts);
+    let kernel = routed_gate_up_kernel(tpr, w.dtype, vpl, folded);
     let groups_x = rows.div_ceil((GEMV_WG / tpr * GEMV_RPT) as usize) as u32;
     for c in &w.chunks {
         let params = chunk_params(rows, w.k, c, norm.1, Some(shape));

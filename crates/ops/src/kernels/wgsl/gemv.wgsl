@@ -16,6 +16,8 @@
 // (token, query head, split), then every x vector it loads is the weighted sum of its
 // splits' vectors. The attention needs no reduce dispatch (nor its barrier) before the
 // output projection. Rows of x: HQ heads of D (HG of them per kv head), `splits` splits.
+// TAIL (gemv_tail.wgsl; gemv_no_tail.wgsl without): n_tail rows of a second matrix after
+// the main n, in workgroups of their own.
 // Prelude: M, WG, TPR, RPT, W_DTYPE, NORM, ACCUM, SPLITX, HQ, HG, D, MAXS (splits held).
 struct Params {
     n: u32,
@@ -26,6 +28,8 @@ struct Params {
     // SPLITX: kv heads and splits of the partials.
     hkv: u32,
     splits: u32,
+    // TAIL: rows of the tail matrix.
+    n_tail: u32,
 }
 var<immediate> p: Params;
 
@@ -44,6 +48,22 @@ const SLOTS: u32 = ACC + select(0u, M, NORM);
 var<workgroup> partial: array<f32, (WG / 4u) * SLOTS>;
 // SPLITX: weight of split s for (token m, query head q) at (m HQ + q) MAXS + s.
 var<workgroup> split_w: array<f32, select(1u, M * HQ * MAXS, SPLITX)>;
+
+// Weight vector i of the main matrix, or of the tail's in a tail workgroup.
+fn w_at(tail: bool, i: u32) -> vec4<u32> {
+    if TAIL && tail {
+        return tail_w(i);
+    }
+    return w[i];
+}
+
+// NORM: vector i of the norm weight for this workgroup's rows.
+fn norm_at(tail: bool, i: u32) -> vec4<f32> {
+    if TAIL && tail {
+        return tail_norm(i);
+    }
+    return norm_w[i];
+}
 
 // Vector v of x row m: loaded, or (SPLITX) the weighted sum of the splits' vectors.
 fn x_vec(m: u32, v: u32) -> vec4<f32> {
@@ -91,8 +111,13 @@ fn split_weights(li: u32) {
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg_size: u32) {
-    let wg_row0 = flat_group(wg, nwg) * GROUPS * RPT;
-    if wg_row0 >= p.n {
+    // TAIL: the workgroups past the main rows' take the tail rows.
+    let group = flat_group(wg, nwg);
+    let main_groups = (p.n + GROUPS * RPT - 1u) / (GROUPS * RPT);
+    let tail = TAIL && group >= main_groups;
+    let n = select(p.n, p.n_tail, tail);
+    let wg_row0 = (group - select(0u, main_groups, tail)) * GROUPS * RPT;
+    if wg_row0 >= n {
         return;
     }
     if SPLITX {
@@ -117,11 +142,11 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 var xv = x_vec(m, i);
                 if NORM {
                     ssq[m] += dot(xv, xv);
-                    xv *= norm_w[i];
+                    xv *= norm_at(tail, i);
                 }
                 for (var r = 0u; r < RPT; r++) {
-                    let row = min(row0 + r, p.n - 1u);
-                    acc[m * RPT + r] += dot(bitcast<vec4<f32>>(w[row * kx + i]), xv);
+                    let row = min(row0 + r, n - 1u);
+                    acc[m * RPT + r] += dot(bitcast<vec4<f32>>(w_at(tail, row * kx + i)), xv);
                 }
             }
         }
@@ -133,7 +158,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             var wa: array<vec4<f32>, RPT>;
             var wb: array<vec4<f32>, RPT>;
             for (var r = 0u; r < RPT; r++) {
-                let wv = w[min(row0 + r, p.n - 1u) * kv + i];
+                let wv = w_at(tail, min(row0 + r, n - 1u) * kv + i);
                 wa[r] = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
                 wb[r] = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
             }
@@ -142,8 +167,8 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 var x1 = x_vec(m, 2u * i + 1u);
                 if NORM {
                     ssq[m] += dot(x0, x0) + dot(x1, x1);
-                    x0 *= norm_w[2u * i];
-                    x1 *= norm_w[2u * i + 1u];
+                    x0 *= norm_at(tail, 2u * i);
+                    x1 *= norm_at(tail, 2u * i + 1u);
                 }
                 for (var r = 0u; r < RPT; r++) {
                     acc[m * RPT + r] += dot(wa[r], x0) + dot(wb[r], x1);
@@ -180,11 +205,13 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 ss += partial[s * SLOTS + min(ACC + m, SLOTS - 1u)];
             }
         }
-        if NORM {
+        if NORM && !tail {
             total *= inverseSqrt(ss / f32(p.k) + p.eps);
         }
         let row = wg_row0 + og * RPT + r;
-        if row < p.n {
+        if tail && row < n {
+            tail_put(m * p.n_tail + row, total);
+        } else if !tail && row < n {
             let o = m * p.ldy + p.n_offset + row;
             if ACCUM {
                 y[o] += total;

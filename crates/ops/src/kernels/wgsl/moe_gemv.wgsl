@@ -12,8 +12,8 @@
 // gemv.wgsl: the sums of squares ride along with the products).
 // Entry points: moe_gemv takes its tiles from moe_route.wgsl; moe_gemv_routed routes one
 // token itself (below), so a one-token decode step needs no routing dispatch.
-// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM, and moe_topk.wgsl's
-// MAX_K and VPL.
+// Prelude: MT, WG, TPR, RPT (even when ACT), W_DTYPE, ACT, GATHER, NORM, LOGIT_RSTD (below),
+// and moe_topk.wgsl's MAX_K and VPL.
 // Params and bindings: moe_bindings.wgsl, and the norm weight (NORM; a dummy otherwise):
 @group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
 // moe_gemv_routed's router logits (moe_topk.wgsl reads them) and its picks, laid out as
@@ -61,7 +61,20 @@ fn moe_gemv_routed(@builtin(workgroup_id) wg: vec3<u32>,
         return;
     }
     if sg == 0u {
-        let pick = topk_pick(0u, p.experts, p.top_k, p.norm_topk != 0u, j, lane, sg_size);
+        // LOGIT_RSTD: the logits are R diag(g) x short of x's 1/rms (the two halves of
+        // router_fold.wgsl, summed by the qkv and o_proj GEMVs' tail rows); the subgroup
+        // finds the 1/rms from x itself (the ranking does not need it, the weights do).
+        var scale = 1.0;
+        if LOGIT_RSTD {
+            var ss = 0.0;
+            for (var i = lane; i < p.k / 4u; i += sg_size) {
+                let v = x[i];
+                ss += dot(v, v);
+            }
+            scale = inverseSqrt(subgroupAdd(ss) / f32(p.k) + p.eps);
+        }
+        let pick = topk_pick(0u, p.experts, p.top_k, p.norm_topk != 0u, j, lane, sg_size,
+                             scale);
         if lane == 0u {
             routed_e = pick.e;
             if wg.x == 0u {

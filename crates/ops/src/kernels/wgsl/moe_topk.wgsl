@@ -4,9 +4,9 @@
 // over the chosen k when `norm`. Every invocation of the subgroup gets the same picks.
 // Prelude: MAX_K, VPL (logits per invocation: at least experts / subgroup size).
 
-// A subgroup's view of one token's logits: each invocation keeps its experts' logits
-// (lane, lane + sg_size, ..) in registers, so the k passes cost subgroup operations, not
-// k re-reads of memory; with the softmax's max and sum.
+// A subgroup's view of one token's logits (times `scale`: moe_gemv.wgsl's LOGIT_RSTD): each
+// invocation keeps its experts' logits (lane, lane + sg_size, ..) in registers, so the k
+// passes cost subgroup operations, not k re-reads of memory; with the softmax's max and sum.
 struct Logits {
     vals: array<f32, VPL>,
     mx: f32,
@@ -19,14 +19,14 @@ struct Pick {
     e: u32,
 }
 
-fn subgroup_logits(base: u32, experts: u32, lane: u32, sg_size: u32) -> Logits {
+fn subgroup_logits(base: u32, experts: u32, lane: u32, sg_size: u32, scale: f32) -> Logits {
     var l: Logits;
     var mx = -3.4e38;
     for (var i = 0u; i < VPL; i++) {
         let e = lane + i * sg_size;
         var v = -3.4e38;
         if e < experts {
-            v = logits[base + e];
+            v = logits[base + e] * scale;
         }
         l.vals[i] = v;
         mx = max(mx, v);
@@ -71,7 +71,7 @@ struct Picks {
 }
 
 fn topk_picks(base: u32, experts: u32, k: u32, norm: bool, lane: u32, sg_size: u32) -> Picks {
-    var l = subgroup_logits(base, experts, lane, sg_size);
+    var l = subgroup_logits(base, experts, lane, sg_size, 1.0);
     var prev = NO_PICK;
     var out: Picks;
     var chosen = 0.0;
@@ -88,10 +88,11 @@ fn topk_picks(base: u32, experts: u32, k: u32, norm: bool, lane: u32, sg_size: u
     return out;
 }
 
-// Pick j alone (expert, routing weight) of topk_picks, in registers: no arrays of k.
-fn topk_pick(base: u32, experts: u32, k: u32, norm: bool, j: u32, lane: u32,
-             sg_size: u32) -> Pick {
-    var l = subgroup_logits(base, experts, lane, sg_size);
+// Pick j alone (expert, routing weight) of topk_picks, in registers: no arrays of k; the
+// logits times `scale`.
+fn topk_pick(base: u32, experts: u32, k: u32, norm: bool, j: u32, lane: u32, sg_size: u32,
+             scale: f32) -> Pick {
+    var l = subgroup_logits(base, experts, lane, sg_size, scale);
     var prev = NO_PICK;
     var mine = NO_PICK;
     var chosen = 0.0;
