@@ -10,7 +10,8 @@
 //!
 //! A one-token decode step (`moe_add_normed` with `MoeScratch::down_combine`) routes inside
 //! the gate/up GEMV (moe_gemv_routed) and runs 4 and 5 as one dispatch
-//! (moe_down_combine.wgsl) added straight into the residual: three dispatches a layer.
+//! (moe_down_combine.wgsl) added straight into the residual: three dispatches a layer, two
+//! where the router rides on the attention's GEMVs (`router_fold`, `Logits::Folded`).
 //!
 //! Each chosen expert's weights are read once per tile (once per step when its tokens fit one
 //! tile), and experts nobody chose cost nothing. Expert weights are stacks `[E * rows, K]`
