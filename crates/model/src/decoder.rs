@@ -732,9 +732,10 @@ impl DecoderModel {
             if i == FIRST_FLUSH_LAYERS || (i > 0 && i % FLUSH_LAYERS == 0) {
                 step.flush()?;
             }
-            // A one-token MoE step routes from the layer's router fold: R diag(g) h_prev as
-            // tail rows of the qkv GEMV plus F a as tail rows of o_proj's, summed into the
-            // scratch logits, so no router dispatch (moe::router_fold).
+            // A decode step of one or two tokens (qkv and o_proj on the GEMV) routes from
+            // the layer's router fold: R diag(g) h_prev as tail rows of the qkv GEMV plus F a as tail
+            // rows of o_proj's, summed into the scratch logits, so no router dispatch
+            // (moe::router_fold).
             let fold = match (&layer.mlp, &moe_scratch) {
                 (
                     Mlp::Moe {
@@ -744,7 +745,7 @@ impl DecoderModel {
                     },
                     Some(s),
                 ) if fused
-                    && moe::takes_folded_logits(s)
+                    && t <= matmul::TAIL_MAX_M
                     && [&layer.qkv, &layer.o].iter().all(|w| {
                         matches!(matmul::fused_path(step, t, w), matmul::MatmulPath::Gemv)
                     }) =>

@@ -286,7 +286,7 @@ pub struct Fusion<'a> {
 /// Rows of a second matrix that a decode GEMV computes beside its own, in the same
 /// dispatch (gemv_tail.wgsl): `y (+)= x' W^T` with the GEMV's x, where x' is x scaled by
 /// `norm` (without the 1/rms) when the GEMV folds a norm, else x as the GEMV sees it. `w`:
-/// `[n, K]` in one chunk, of the GEMV's dtype and K; `y`: `[M, n]` f32. A one-token decode
+/// `[n, K]` in one chunk, of the GEMV's dtype and K; `y`: `[M, n]` f32. A decode
 /// step's router halves ride on its qkv and o_proj GEMVs this way (`moe::router_fold`).
 #[derive(Clone, Copy, Debug)]
 pub struct Tail<'a> {
@@ -296,6 +296,12 @@ pub struct Tail<'a> {
     pub norm: Option<&'a Tensor>,
     pub accumulate: bool,
 }
+
+/// Most rows of x a GEMV takes tail rows for. The tail's branch between two weight bindings
+/// in the inner loop costs the GEMV little in its one- and two-row split (Qwen3-30B-A3B
+/// decode step on the H100 4.02 -> 4.05 ms with every GEMV on the tail variant) but much in
+/// the split from three rows on (engine batch 3 361 -> 295 tok/s).
+pub const TAIL_MAX_M: usize = 2;
 
 impl Tail<'_> {
     /// Checks the tail against the GEMV's `m` rows of x times `w`, normed or not; its
@@ -320,6 +326,12 @@ impl Tail<'_> {
                     w.k,
                     w.dtype
                 ),
+            ));
+        }
+        if m > TAIL_MAX_M {
+            return Err(shape_err(
+                "matmul tail",
+                format!("tail rows beside {m} rows of x (at most {TAIL_MAX_M})"),
             ));
         }
         expect_dtype("matmul tail", self.y, DType::F32)?;
@@ -798,7 +810,7 @@ pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
             ));
         }
     }
-    // The tail rows of a one-token decode step's qkv (normed) and o_proj (over attention
+    // The tail rows of a decode step's qkv (normed) and o_proj (over attention
     // partials, accumulated) GEMVs.
     for dt in [DType::F32, DType::F16, DType::BF16] {
         v.push(gemv_kernel(

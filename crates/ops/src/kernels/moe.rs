@@ -229,11 +229,13 @@ impl GroupedConfig {
 
 /// `vpl`: router logits each invocation of a routing subgroup holds in registers
 /// (`route_vpl`).
-fn route_kernel(vpl: u32) -> Kernel {
+/// `folded`: the logits lack each token's 1/rms (`Logits::Folded`).
+fn route_kernel(vpl: u32, folded: bool) -> Kernel {
     Kernel::new("moe_route.wgsl", ROUTE, "moe_route")
         .u32("MAX_E", MAX_EXPERTS as u32)
         .u32("MAX_K", MAX_TOP_K as u32)
         .u32("VPL", vpl)
+        .bool("LOGIT_RSTD", folded)
 }
 
 /// Logits per invocation for `experts` on this device's smallest subgroups, rounded up to
@@ -322,8 +324,9 @@ fn combine_kernel(accumulate: bool) -> Kernel {
 
 pub(crate) fn variants(coop_sizes: &[u32]) -> Vec<Kernel> {
     let mut v = vec![
-        route_kernel(4),
-        route_kernel(16),
+        route_kernel(4, false),
+        route_kernel(16, false),
+        route_kernel(4, true),
         down_combine_kernel(32, DType::F16),
         down_combine_kernel(64, DType::BF16),
         down_combine_kernel(32, DType::F32),
@@ -403,6 +406,18 @@ pub fn route(step: &mut Step, logits: &Tensor, shape: &MoeShape, tile: usize) ->
 
 /// `route` into preallocated buffers.
 pub fn route_into(step: &mut Step, logits: &Tensor, shape: &MoeShape, r: &Routing) -> Result<()> {
+    route_scaled(step, logits, shape, r, None)
+}
+
+/// `route_into`; with `rstd_of` (the hidden rows `[T, H]` and the RMSNorm's eps) the logits
+/// lack each token's 1/rms of its row (`Logits::Folded`) and the kernel applies it.
+fn route_scaled(
+    step: &mut Step,
+    logits: &Tensor,
+    shape: &MoeShape,
+    r: &Routing,
+    rstd_of: Option<(&Tensor, f32)>,
+) -> Result<()> {
     shape.check()?;
     expect_dtype("moe route", logits, DType::F32)?;
     expect_len("moe route", "logits", logits, r.tokens * shape.experts)?;
@@ -412,15 +427,32 @@ pub fn route_into(step: &mut Step, logits: &Tensor, shape: &MoeShape, r: &Routin
             "routing buffers made for another top-k",
         ));
     }
+    let dummy = step.ctx.dummy()?.clone();
+    let (x, hidden, eps) = match rstd_of {
+        Some((x, eps)) => {
+            expect_dtype("moe route", x, DType::F32)?;
+            let hidden = x.numel() / r.tokens.max(1);
+            if hidden * r.tokens != x.numel() || !hidden.is_multiple_of(4) {
+                return Err(shape_err(
+                    "moe route",
+                    format!("{} hidden values for {} tokens", x.numel(), r.tokens),
+                ));
+            }
+            (x, hidden, eps)
+        }
+        None => (&dummy, 0, 0.0),
+    };
     let params = [
         r.tokens as u32,
         shape.experts as u32,
         shape.top_k as u32,
         shape.norm_topk as u32,
         r.tile as u32,
+        hidden as u32,
+        eps.to_bits(),
     ];
     step.dispatch(
-        &route_kernel(route_vpl(step.ctx, shape.experts)),
+        &route_kernel(route_vpl(step.ctx, shape.experts), rstd_of.is_some()),
         &[
             logits,
             &r.topk_ids,
@@ -428,6 +460,7 @@ pub fn route_into(step: &mut Step, logits: &Tensor, shape: &MoeShape, r: &Routin
             &r.pair_pos,
             &r.sorted,
             &r.tiles,
+            x,
         ],
         &params,
         [1, 1, 1],
@@ -660,9 +693,10 @@ pub fn expert_rows(
     shape: &MoeShape,
     s: &MoeScratch,
 ) -> Result<()> {
-    expert_rows_normed(step, x, None, experts, shape, s)
+    expert_rows_normed(step, x, None, experts, shape, s, false)
 }
 
+/// `folded`: `Logits::Folded` (needs `norm`).
 fn expert_rows_normed(
     step: &mut Step,
     x: &Tensor,
@@ -670,8 +704,9 @@ fn expert_rows_normed(
     experts: &ExpertWeights,
     shape: &MoeShape,
     s: &MoeScratch,
+    folded: bool,
 ) -> Result<()> {
-    route_gate_up(step, x, norm, experts, shape, s)?;
+    route_gate_up(step, x, norm, experts, shape, s, folded)?;
     grouped(
         step,
         &s.act,
@@ -686,7 +721,8 @@ fn expert_rows_normed(
     )
 }
 
-/// Routing and the gate/up GEMM (+ SiLU-mul) into `s.act`.
+/// Routing and the gate/up GEMM (+ SiLU-mul) into `s.act`; `folded`: `Logits::Folded`
+/// (the logits lack x's 1/rms; needs `norm`).
 fn route_gate_up(
     step: &mut Step,
     x: &Tensor,
@@ -694,8 +730,14 @@ fn route_gate_up(
     experts: &ExpertWeights,
     shape: &MoeShape,
     s: &MoeScratch,
+    folded: bool,
 ) -> Result<()> {
-    route_into(step, &s.logits, shape, &s.routing)?;
+    let rstd_of = match (folded, norm) {
+        (false, _) => None,
+        (true, Some((_, eps))) => Some((x, eps)),
+        (true, None) => return Err(shape_err("moe", "folded router logits without a norm")),
+    };
+    route_scaled(step, &s.logits, shape, &s.routing, rstd_of)?;
     grouped(
         step,
         x,
@@ -714,8 +756,8 @@ fn route_gate_up(
 /// (`[E, K]` in o_proj's dtype) for the router `R` `[E, H]`, the post-attention RMSNorm
 /// weight `g` `[H]` and o_proj `W_o` `[H, K]`, computed on the GPU (router_fold.wgsl).
 /// With `h = h_prev + W_o a`, the router logits of `rmsnorm(h) * g` are
-/// `rstd(h) (R diag(g) h_prev + F a)`: a one-token decode step gets the two halves from
-/// the qkv and o_proj GEMVs (`matmul::Tail`) and routes from their sum
+/// `rstd(h) (R diag(g) h_prev + F a)`: a decode step whose qkv and o_proj run on the GEMV
+/// gets the two halves from them (`matmul::Tail`) and routes from their sum
 /// (`moe_add_normed`'s `Logits::Folded`), without a router dispatch. `None` where it does
 /// not apply: a router or o_proj in more than one chunk, or an odd K of f16 / bf16.
 pub fn router_fold(
@@ -777,16 +819,11 @@ pub fn fusable(router: &Weight, scratch: &MoeScratch) -> bool {
 pub enum Logits {
     /// From a router GEMV over the normed rows, into `MoeScratch::logits`.
     Router,
-    /// `MoeScratch::logits` already holds `R diag(g) x`, the logits short of x's 1/rms: the
-    /// two halves of `router_fold` summed by the qkv and o_proj GEMVs' tail rows. Only where
-    /// `takes_folded_logits`.
+    /// `MoeScratch::logits` already holds `R diag(g) x`, the logits short of each token's
+    /// 1/rms of x: the two halves of `router_fold` summed by the qkv and o_proj GEMVs' tail
+    /// rows. The routing (inside the gate/up GEMV for one token, `moe_route` for more) finds
+    /// the 1/rms itself.
     Folded,
-}
-
-/// Whether `moe_add_normed` takes `Logits::Folded` with this scratch: one token, routed
-/// inside the gate/up GEMV.
-pub fn takes_folded_logits(scratch: &MoeScratch) -> bool {
-    scratch.routing.tokens == 1 && scratch.down_combine
 }
 
 /// The whole MoE layer of a decode step added into the residual stream:
@@ -829,20 +866,14 @@ pub fn moe_add_normed(
             };
             matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
         }
-        Logits::Folded if !takes_folded_logits(scratch) => {
-            return Err(shape_err(
-                "moe",
-                "folded router logits need one token routed inside the gate/up GEMV",
-            ));
-        }
         Logits::Folded => {}
     }
+    let folded = logits == Logits::Folded;
     if scratch.down_combine {
         if scratch.routing.tokens == 1 {
-            let folded = logits == Logits::Folded;
             routed_gate_up(step, residual, norm, experts, shape, scratch, folded)?;
         } else {
-            route_gate_up(step, residual, Some(norm), experts, shape, scratch)?;
+            route_gate_up(step, residual, Some(norm), experts, shape, scratch, folded)?;
         }
         return down_combine(
             step,
@@ -852,7 +883,7 @@ pub fn moe_add_normed(
             residual,
         );
     }
-    expert_rows_normed(step, residual, Some(norm), experts, shape, scratch)?;
+    expert_rows_normed(step, residual, Some(norm), experts, shape, scratch, folded)?;
     combine_add(step, &scratch.rows, &scratch.routing, residual)
 }
 

@@ -1,8 +1,8 @@
 // gemv.wgsl's tail rows: a second, small matrix (binding 5, [n_tail, K] in the main
 // weight's dtype) times the same x in the same dispatch, in workgroups after the main
 // rows', into its own output (binding 6, [M, n_tail]; += with TAIL_ACCUM). With NORM its x
-// is scaled by its own weight (binding 7) and not by rstd(x): a one-token decode step's
-// router halves R diag(g) h_prev and F a (router_fold.wgsl) ride on the qkv and o_proj
+// is scaled by its own weight (binding 7) and not by rstd(x): a decode step's router
+// halves R diag(g) h_prev and F a (router_fold.wgsl) ride on the qkv and o_proj
 // GEMVs this way, with no dispatch (nor barrier) of their own.
 // Prelude: TAIL_ACCUM.
 const TAIL: bool = true;

@@ -6,13 +6,20 @@
 //     tiles of at most `tile` rows: tiles = [count, (expert, start, end) x count];
 //  3. every pair gets its row in expert-sorted order: pair_pos[t k + j] = offset + rank and
 //     sorted[row] = t (the token whose hidden state that row reads).
-// Prelude: MAX_E (capacity of the counters, at most 512: two experts per invocation), MAX_K.
+// LOGIT_RSTD: the logits are R diag(g) x short of each token's 1/rms (the router fold's two
+// halves from the qkv and o_proj GEMVs, moe.rs `Logits::Folded`); each token's subgroup finds
+// it from the token's row of x (binding 6) first.
+// Prelude: MAX_E (capacity of the counters, at most 512: two experts per invocation), MAX_K,
+// LOGIT_RSTD.
 struct Params {
     tokens: u32,
     experts: u32,
     k: u32,
     norm: u32,
     tile: u32,
+    // LOGIT_RSTD: x's row length and the RMSNorm's epsilon.
+    hidden: u32,
+    eps: f32,
 }
 var<immediate> p: Params;
 
@@ -22,12 +29,29 @@ var<immediate> p: Params;
 @group(0) @binding(3) var<storage, read_write> pair_pos: array<u32>;
 @group(0) @binding(4) var<storage, read_write> sorted: array<u32>;
 @group(0) @binding(5) var<storage, read_write> tiles: array<u32>;
+// LOGIT_RSTD: the hidden rows (raw residual stream); a dummy otherwise.
+@group(0) @binding(6) var<storage, read> x: array<vec4<f32>>;
 
 var<workgroup> counts: array<atomic<u32>, MAX_E>;
 var<workgroup> offsets: array<u32, MAX_E>;
 // Row and tile totals of each subgroup (subgroups of at least 4 invocations).
 var<workgroup> sg_rows: array<u32, 64>;
 var<workgroup> sg_tiles: array<u32, 64>;
+
+// What token t's logits are multiplied by: 1, or (LOGIT_RSTD) the 1/rms of its row of x,
+// by the token's subgroup.
+fn logit_scale(t: u32, lane: u32, sg_size: u32) -> f32 {
+    if !LOGIT_RSTD {
+        return 1.0;
+    }
+    let row = t * (p.hidden / 4u);
+    var ss = 0.0;
+    for (var i = lane; i < p.hidden / 4u; i += sg_size) {
+        let v = x[row + i];
+        ss += dot(v, v);
+    }
+    return inverseSqrt(subgroupAdd(ss) / f32(p.hidden) + p.eps);
+}
 
 @compute @workgroup_size(256)
 fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
@@ -38,7 +62,8 @@ fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg:
         // expert (ties, only possible for NaN rows, by pick), one row and one tile each: no
         // counters, no scan, no workgroup barrier.
         if sg == 0u {
-            let picks = topk_picks(0u, p.experts, p.k, p.norm != 0u, lane, sg_size);
+            let scale = logit_scale(0u, lane, sg_size);
+            let picks = topk_picks(0u, p.experts, p.k, p.norm != 0u, lane, sg_size, scale);
             for (var j = lane; j < p.k; j += sg_size) {
                 let e = picks.ids[j];
                 var row = 0u;
@@ -65,7 +90,9 @@ fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg:
     }
     workgroupBarrier();
     for (var t = sg; t < p.tokens; t += nsg) {
-        let picks = topk_picks(t * p.experts, p.experts, p.k, p.norm != 0u, lane, sg_size);
+        let scale = logit_scale(t, lane, sg_size);
+        let picks = topk_picks(t * p.experts, p.experts, p.k, p.norm != 0u, lane, sg_size,
+                               scale);
         for (var j = lane; j < p.k; j += sg_size) {
             let e = picks.ids[j];
             let pair = t * p.k + j;

@@ -70,8 +70,9 @@ struct Picks {
     ws: array<f32, MAX_K>,
 }
 
-fn topk_picks(base: u32, experts: u32, k: u32, norm: bool, lane: u32, sg_size: u32) -> Picks {
-    var l = subgroup_logits(base, experts, lane, sg_size, 1.0);
+fn topk_picks(base: u32, experts: u32, k: u32, norm: bool, lane: u32, sg_size: u32,
+              scale: f32) -> Picks {
+    var l = subgroup_logits(base, experts, lane, sg_size, scale);
     var prev = NO_PICK;
     var out: Picks;
     var chosen = 0.0;

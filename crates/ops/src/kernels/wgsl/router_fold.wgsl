@@ -1,9 +1,9 @@
 // The router of a MoE layer carried through the attention's output projection, once at
 // load: F = R diag(g) W_o, [E, K], from the router R [E, H], the post-attention RMSNorm
 // weight g [H] and o_proj W_o [H, K]. With h = h_prev + W_o a, the router logits of
-// rmsnorm(h) * g are rstd(h) (R diag(g) h_prev + F a): a one-token decode step computes the
-// first half beside the qkv GEMV and the second beside o_proj (gemv.wgsl's TAIL), and needs
-// no router dispatch between o_proj and the experts (moe_gemv.wgsl, LOGIT_RSTD).
+// rmsnorm(h) * g are rstd(h) (R diag(g) h_prev + F a): a decode step computes the first half
+// beside the qkv GEMV and the second beside o_proj (gemv.wgsl's TAIL), and needs no router
+// dispatch between o_proj and the experts (LOGIT_RSTD in moe_gemv.wgsl and moe_route.wgsl).
 // One invocation per output word (two f16 / bf16 elements, or one f32), f32 accumulation,
 // rounded once to the output's dtype (nearest even for bf16).
 // Prelude: R_DTYPE (the router's dtype), O_DTYPE (o_proj's, and the output's).
