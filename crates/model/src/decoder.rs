@@ -44,8 +44,8 @@ enum Mlp {
         router: Weight,
         experts: ExpertWeights,
         shape: MoeShape,
-        /// `moe::router_fold` of this layer (the router through o_proj), for one-token
-        /// decode steps that route without a router dispatch.
+        /// `moe::router_fold` of this layer (the router through o_proj), for decode steps
+        /// of one or two tokens, which route without a router dispatch.
         fold: Option<Weight>,
     },
 }
@@ -92,7 +92,7 @@ struct Layer {
 impl Layer {
     /// This layer with its `Mlp::Moe::fold` (`moe::router_fold`), where it is a MoE layer.
     fn with_router_fold(mut self, ctx: &GpuContext) -> Result<Layer, ModelError> {
-        // The router's half rides on the qkv GEMV: the same dtype (GGUF may keep it f32).
+        // The router's half rides on the qkv GEMV as tail rows: same dtype and K.
         if let Mlp::Moe { router, fold, .. } = &mut self.mlp {
             if router.dtype == self.qkv.dtype && router.k == self.qkv.k {
                 *fold = moe::router_fold(ctx, router, &self.ffn_norm, &self.o)?;
