@@ -129,9 +129,9 @@ fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
 }
 
 /// The same for the tiny Qwen3-MoE (16 experts, top-4, a dense layer between two MoE
-/// layers): one token routes from the router fold inside the gate/up GEMV, two from the
-/// fold through the routing kernel (each token's 1/rms found there), more from the router
-/// GEMV.
+/// layers): decode steps route from the router fold (the logits from the attention's
+/// GEMVs), one token inside the gate/up GEMV, more through the routing kernel, which finds
+/// each token's 1/rms.
 #[test]
 fn moe_greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     let moe = concat!(

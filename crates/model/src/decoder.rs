@@ -45,7 +45,7 @@ enum Mlp {
         experts: ExpertWeights,
         shape: MoeShape,
         /// `moe::router_fold` of this layer (the router through o_proj), for decode steps
-        /// of one or two tokens, which route without a router dispatch.
+        /// on the GEMV path, which route without a router dispatch.
         fold: Option<Weight>,
     },
 }
@@ -732,8 +732,8 @@ impl DecoderModel {
             if i == FIRST_FLUSH_LAYERS || (i > 0 && i % FLUSH_LAYERS == 0) {
                 step.flush()?;
             }
-            // A decode step of one or two tokens (qkv and o_proj on the GEMV) routes from
-            // the layer's router fold: R diag(g) h_prev as tail rows of the qkv GEMV plus F a as tail
+            // A decode step whose qkv and o_proj run on the GEMV (up to 5 tokens on GPUs
+            // with matrix units, 16 elsewhere) routes from the layer's router fold: R diag(g) h_prev as tail rows of the qkv GEMV plus F a as tail
             // rows of o_proj's, summed into the scratch logits, so no router dispatch
             // (moe::router_fold).
             let fold = match (&layer.mlp, &moe_scratch) {
@@ -745,7 +745,6 @@ impl DecoderModel {
                     },
                     Some(s),
                 ) if fused
-                    && t <= matmul::TAIL_MAX_M
                     && [&layer.qkv, &layer.o].iter().all(|w| {
                         matches!(matmul::fused_path(step, t, w), matmul::MatmulPath::Gemv)
                     }) =>

@@ -297,12 +297,6 @@ pub struct Tail<'a> {
     pub accumulate: bool,
 }
 
-/// Most rows of x a GEMV takes tail rows for. The tail's branch between two weight bindings
-/// in the inner loop costs the GEMV little in its one- and two-row split (Qwen3-30B-A3B
-/// decode step on the H100 4.02 -> 4.05 ms with every GEMV on the tail variant) but much in
-/// the split from three rows on (engine batch 3 361 -> 295 tok/s).
-pub const TAIL_MAX_M: usize = 2;
-
 impl Tail<'_> {
     /// Checks the tail against the GEMV's `m` rows of x times `w`, normed or not; its
     /// weight's one chunk.
@@ -326,12 +320,6 @@ impl Tail<'_> {
                     w.k,
                     w.dtype
                 ),
-            ));
-        }
-        if m > TAIL_MAX_M {
-            return Err(shape_err(
-                "matmul tail",
-                format!("tail rows beside {m} rows of x (at most {TAIL_MAX_M})"),
             ));
         }
         expect_dtype("matmul tail", self.y, DType::F32)?;

@@ -49,12 +49,21 @@ var<workgroup> partial: array<f32, (WG / 4u) * SLOTS>;
 // SPLITX: weight of split s for (token m, query head q) at (m HQ + q) MAXS + s.
 var<workgroup> split_w: array<f32, select(1u, M * HQ * MAXS, SPLITX)>;
 
-// Weight vector i of the main matrix, or of the tail's in a tail workgroup.
-fn w_at(tail: bool, i: u32) -> vec4<u32> {
+// Vector `at` of the RPT rows from row0 (rows of `stride` vectors; past n, row n - 1) of the
+// main matrix, or of the tail's in a tail workgroup: one branch for all of them, so their
+// loads issue together (a branch per load cost the 3-row split dearly).
+fn w_rows(tail: bool, row0: u32, n: u32, stride: u32, at: u32) -> array<vec4<u32>, RPT> {
+    var v: array<vec4<u32>, RPT>;
     if TAIL && tail {
-        return tail_w(i);
+        for (var r = 0u; r < RPT; r++) {
+            v[r] = tail_w(min(row0 + r, n - 1u) * stride + at);
+        }
+    } else {
+        for (var r = 0u; r < RPT; r++) {
+            v[r] = w[min(row0 + r, n - 1u) * stride + at];
+        }
     }
-    return w[i];
+    return v;
 }
 
 // NORM: vector i of the norm weight for this workgroup's rows.
@@ -138,15 +147,19 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let kx = p.k / 4u;
     if W_DTYPE == 0u {
         for (var i = lt; i < kx; i += TPR) {
+            let wv = w_rows(tail, row0, n, kx, i);
+            var nw = vec4<f32>(1.0);
+            if NORM {
+                nw = norm_at(tail, i);
+            }
             for (var m = 0u; m < M; m++) {
                 var xv = x_vec(m, i);
                 if NORM {
                     ssq[m] += dot(xv, xv);
-                    xv *= norm_at(tail, i);
+                    xv *= nw;
                 }
                 for (var r = 0u; r < RPT; r++) {
-                    let row = min(row0 + r, n - 1u);
-                    acc[m * RPT + r] += dot(bitcast<vec4<f32>>(w_at(tail, row * kx + i)), xv);
+                    acc[m * RPT + r] += dot(bitcast<vec4<f32>>(wv[r]), xv);
                 }
             }
         }
@@ -155,20 +168,26 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         // the RPT rows' halves wait in registers while the M x rows stream past them.
         let kv = p.k / 8u;
         for (var i = lt; i < kv; i += TPR) {
+            let wv = w_rows(tail, row0, n, kv, i);
             var wa: array<vec4<f32>, RPT>;
             var wb: array<vec4<f32>, RPT>;
             for (var r = 0u; r < RPT; r++) {
-                let wv = w_at(tail, min(row0 + r, n - 1u) * kv + i);
-                wa[r] = vec4<f32>(half2_to_f32(wv.x, W_DTYPE), half2_to_f32(wv.y, W_DTYPE));
-                wb[r] = vec4<f32>(half2_to_f32(wv.z, W_DTYPE), half2_to_f32(wv.w, W_DTYPE));
+                wa[r] = vec4<f32>(half2_to_f32(wv[r].x, W_DTYPE), half2_to_f32(wv[r].y, W_DTYPE));
+                wb[r] = vec4<f32>(half2_to_f32(wv[r].z, W_DTYPE), half2_to_f32(wv[r].w, W_DTYPE));
+            }
+            var n0 = vec4<f32>(1.0);
+            var n1 = vec4<f32>(1.0);
+            if NORM {
+                n0 = norm_at(tail, 2u * i);
+                n1 = norm_at(tail, 2u * i + 1u);
             }
             for (var m = 0u; m < M; m++) {
                 var x0 = x_vec(m, 2u * i);
                 var x1 = x_vec(m, 2u * i + 1u);
                 if NORM {
                     ssq[m] += dot(x0, x0) + dot(x1, x1);
-                    x0 *= norm_at(tail, 2u * i);
-                    x1 *= norm_at(tail, 2u * i + 1u);
+                    x0 *= n0;
+                    x1 *= n1;
                 }
                 for (var r = 0u; r < RPT; r++) {
                     acc[m * RPT + r] += dot(wa[r], x0) + dot(wb[r], x1);
