@@ -98,14 +98,16 @@ fn staggered(
     done
 }
 
-#[test]
-fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
-    let mut m = llm(|_| {});
-    let ps = prompts(16, 1);
-    let params: Vec<SamplingParams> = (0..16).map(|i| greedy(6 + i % 7)).collect();
+/// Each request's output alone, then through `staggered` (joining and leaving) and all at
+/// once through `generate`: the same ids every way. Returns the staggered outputs.
+fn same_alone_and_batched(
+    m: &mut LLM,
+    ps: &[Vec<u32>],
+    params: &[SamplingParams],
+) -> HashMap<String, RequestOutput> {
     let alone: Vec<Vec<u32>> = ps
         .iter()
-        .zip(&params)
+        .zip(params)
         .map(|(p, sp)| {
             ids_of(
                 &m.generate(vec![Prompt::Ids(p.clone())], std::slice::from_ref(sp))
@@ -114,18 +116,29 @@ fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
             .clone()
         })
         .collect();
-    let batched = staggered(&mut m, &ps, &params);
+    let batched = staggered(m, ps, params);
     for (i, want) in alone.iter().enumerate() {
-        let got = &batched[&format!("r{i}")].outputs[0];
-        assert_eq!(&got.token_ids, want, "request {i}");
-        assert_eq!(got.finish_reason, Some(FinishReason::Length));
-        assert_eq!(got.token_ids.len(), params[i].max_tokens.unwrap());
+        let got = &batched[&format!("r{i}")].outputs[0].token_ids;
+        assert_eq!(got, want, "request {i}");
     }
-    // And all at once through generate.
     let all = m
-        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
+        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), params)
         .unwrap();
     assert_eq!(ids_of(&all), alone);
+    batched
+}
+
+#[test]
+fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
+    let mut m = llm(|_| {});
+    let ps = prompts(16, 1);
+    let params: Vec<SamplingParams> = (0..16).map(|i| greedy(6 + i % 7)).collect();
+    let batched = same_alone_and_batched(&mut m, &ps, &params);
+    for (i, sp) in params.iter().enumerate() {
+        let got = &batched[&format!("r{i}")].outputs[0];
+        assert_eq!(got.finish_reason, Some(FinishReason::Length));
+        assert_eq!(got.token_ids.len(), sp.max_tokens.unwrap());
+    }
 }
 
 /// The same for the tiny Qwen3-MoE (16 experts, top-4, a dense layer between two MoE
@@ -141,29 +154,7 @@ fn moe_greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     let mut m = llm_of(moe, |_| {});
     let ps = prompts(5, 9);
     let params: Vec<SamplingParams> = (0..5).map(|i| greedy(4 + i % 3)).collect();
-    let alone: Vec<Vec<u32>> = ps
-        .iter()
-        .zip(&params)
-        .map(|(p, sp)| {
-            ids_of(
-                &m.generate(vec![Prompt::Ids(p.clone())], std::slice::from_ref(sp))
-                    .unwrap(),
-            )[0]
-            .clone()
-        })
-        .collect();
-    let batched = staggered(&mut m, &ps, &params);
-    for (i, want) in alone.iter().enumerate() {
-        assert_eq!(
-            &batched[&format!("r{i}")].outputs[0].token_ids,
-            want,
-            "request {i}"
-        );
-    }
-    let all = m
-        .generate(ps.iter().cloned().map(Prompt::Ids).collect(), &params)
-        .unwrap();
-    assert_eq!(ids_of(&all), alone);
+    same_alone_and_batched(&mut m, &ps, &params);
 }
 
 #[test]

@@ -732,9 +732,17 @@ impl DecoderModel {
             if i == FIRST_FLUSH_LAYERS || (i > 0 && i % FLUSH_LAYERS == 0) {
                 step.flush()?;
             }
+            // o_proj on the GEMV (not the skinny GEMM of larger decode batches): it takes the
+            // attention's split-K reduce, where there is one, and the router fold's tail.
+            let o_gemv = fused
+                && matches!(
+                    matmul::fused_path(step, t, &layer.o),
+                    matmul::MatmulPath::Gemv
+                );
             // A decode step whose qkv and o_proj run on the GEMV (up to 5 tokens on GPUs
-            // with matrix units, 16 elsewhere) routes from the layer's router fold: R diag(g) h_prev as tail rows of the qkv GEMV plus F a as tail
-            // rows of o_proj's, summed into the scratch logits, so no router dispatch
+            // with matrix units, 16 elsewhere) routes from the layer's router fold:
+            // R diag(g) h_prev as tail rows of the qkv GEMV plus F a as tail rows of
+            // o_proj's, summed into the scratch logits, so no router dispatch
             // (moe::router_fold).
             let fold = match (&layer.mlp, &moe_scratch) {
                 (
@@ -744,10 +752,11 @@ impl DecoderModel {
                         ..
                     },
                     Some(s),
-                ) if fused
-                    && [&layer.qkv, &layer.o].iter().all(|w| {
-                        matches!(matmul::fused_path(step, t, w), matmul::MatmulPath::Gemv)
-                    }) =>
+                ) if o_gemv
+                    && matches!(
+                        matmul::fused_path(step, t, &layer.qkv),
+                        matmul::MatmulPath::Gemv
+                    ) =>
                 {
                     Some((router, f, s))
                 }
@@ -785,12 +794,6 @@ impl DecoderModel {
                 scale,
             };
             if fused {
-                // The attention's split-K reduce, where there is one, goes into o_proj when
-                // that runs on the GEMV (not the skinny GEMM of larger decode batches).
-                let o_gemv = matches!(
-                    matmul::fused_path(step, t, &layer.o),
-                    matmul::MatmulPath::Gemv
-                );
                 let take =
                     |p: &attention::Partials| o_gemv && matmul::partials_fusable(p, &layer.o);
                 let add = matmul::Fusion {

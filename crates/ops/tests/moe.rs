@@ -449,10 +449,15 @@ fn decode_layer_with_folded_norm_and_residual_add() {
         for (a, b) in want.iter_mut().zip(&x) {
             *a += b;
         }
+        // The router fold's logits, R diag(g) x short of each token's 1/rms, summed (on the
+        // GPU by the qkv and o_proj GEMVs' tail rows): the routing (in the gate/up GEMV for
+        // one token, moe_route for more) finds the 1/rms itself and routes the same.
+        let xg: Vec<f32> = x.iter().zip(g.iter().cycle()).map(|(a, b)| a * b).collect();
+        let raw = vllm_apple_ops::kernels::matmul::cpu::matmul(&xg, &router, e, h);
         // Both ends of the layer: the down projection with the combine fused in (the
-        // default for one token) and the grouped down GEMV + combine dispatch.
+        // default for one token) and the grouped down GEMV + combine dispatch; the logits
+        // from the router GEMV and from the fold.
         for down_combine in [false, true] {
-            let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
             let mut scratch = MoeScratch::new(ctx, t, &shape, h, f, dt, None).unwrap();
             assert_eq!(scratch.down_combine, t == 1);
             assert!(
@@ -460,67 +465,37 @@ fn decode_layer_with_folded_norm_and_residual_add() {
                 "decode batch of {t} on the GEMV paths"
             );
             scratch.down_combine = down_combine;
-            let mut s = Step::new(ctx);
-            let logits = moe::Logits::Router;
-            moe::moe_add_normed(
-                &mut s,
-                &xt,
-                (&gt, 1e-6),
-                &rw,
-                &w.gpu,
-                &shape,
-                &scratch,
-                logits,
-            )
-            .unwrap();
-            s.submit_and_wait().unwrap();
-            assert_close(
-                &format!("folded-norm moe layer t={t} {dt} down+combine {down_combine}"),
-                &xt.to_f32_vec(ctx).unwrap(),
-                &want,
-                2e-4,
-            );
-            // The router fold's logits, R diag(g) x short of each token's 1/rms, summed (on
-            // the GPU by the qkv and o_proj GEMVs' tail rows): the routing (in the gate/up
-            // GEMV for one token, moe_route for more) finds the 1/rms itself and routes the
-            // same.
-            let raw = vllm_apple_ops::kernels::matmul::cpu::matmul(
-                &x.iter()
-                    .zip(g.iter().cycle())
-                    .map(|(a, b)| a * b)
-                    .collect::<Vec<_>>(),
-                &router,
-                e,
-                h,
-            );
-            scratch.logits.write_f32(ctx, &raw).unwrap();
-            let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
-            let mut s = Step::new(ctx);
-            let logits = moe::Logits::Folded;
-            moe::moe_add_normed(
-                &mut s,
-                &xt,
-                (&gt, 1e-6),
-                &rw,
-                &w.gpu,
-                &shape,
-                &scratch,
-                logits,
-            )
-            .unwrap();
-            s.submit_and_wait().unwrap();
-            assert_close(
-                &format!("moe layer from folded logits t={t} {dt} down+combine {down_combine}"),
-                &xt.to_f32_vec(ctx).unwrap(),
-                &want,
-                2e-4,
-            );
+            for logits in [moe::Logits::Router, moe::Logits::Folded] {
+                if logits == moe::Logits::Folded {
+                    scratch.logits.write_f32(ctx, &raw).unwrap();
+                }
+                let xt = ctx.upload_f32(&[t, h], DType::F32, &x).unwrap();
+                let mut s = Step::new(ctx);
+                moe::moe_add_normed(
+                    &mut s,
+                    &xt,
+                    (&gt, 1e-6),
+                    &rw,
+                    &w.gpu,
+                    &shape,
+                    &scratch,
+                    logits,
+                )
+                .unwrap();
+                s.submit_and_wait().unwrap();
+                assert_close(
+                    &format!("moe layer t={t} {dt} down+combine {down_combine} {logits:?}"),
+                    &xt.to_f32_vec(ctx).unwrap(),
+                    &want,
+                    2e-4,
+                );
+            }
         }
     }
 }
 
 /// The router carried through o_proj, F = R diag(g) W_o, against the CPU in f64 rounded
-/// once to o_proj's dtype, for each pairing of dtypes (a GGUF router may be f32).
+/// once to o_proj's dtype, for pairings of the router's and o_proj's dtypes.
 #[test]
 fn router_fold_matches_cpu() {
     let ctx = ctx();

@@ -196,7 +196,8 @@ pub fn partials_fit(p: &Partials) -> bool {
 
 /// `y = x W^T` (`y += ..` with `accumulate`) where x is the attention output that `p`'s
 /// split-K partials reduce to: the reduce folded into the GEMV (gemv.wgsl, SPLITX), so a
-/// decode layer has no reduce dispatch. An error where `partials_fusable` is false.
+/// decode layer has no reduce dispatch; `tail` as in `Fusion`. An error where
+/// `partials_fusable` is false.
 pub fn gemv_partials(
     step: &mut Step,
     p: &Partials,
@@ -235,9 +236,8 @@ pub fn gemv_partials(
     let dummy = step.ctx.dummy()?.clone();
     let rpg = cfg.rows_per_group();
     for (i, c) in w.chunks.iter().enumerate() {
-        // The tail rides on the last chunk's dispatch.
-        let tail = tail.filter(|_| i + 1 == w.chunks.len());
-        let n_tail = tail.map_or(0, |t| t.w.n);
+        let last = i + 1 == w.chunks.len();
+        let (n_tail, tail_accum, tb) = tail_bindings(tail, last, m, w, false, &dummy)?;
         let params = [
             c.rows as u32,
             k as u32,
@@ -249,25 +249,9 @@ pub fn gemv_partials(
             n_tail as u32,
         ];
         let groups = grid(step.ctx, c.rows.div_ceil(rpg) + n_tail.div_ceil(rpg));
-        match tail {
-            Some(t) => {
-                let tc = t.check(m, w, false)?;
-                step.dispatch(
-                    &kernel(Some(t.accumulate)),
-                    &[
-                        &p.part, &c.tensor, y, &dummy, &p.ml, &tc.tensor, t.y, &dummy,
-                    ],
-                    &params,
-                    groups,
-                )?
-            }
-            None => step.dispatch(
-                &kernel(None),
-                &[&p.part, &c.tensor, y, &dummy, &p.ml],
-                &params,
-                groups,
-            )?,
-        }
+        let bindings = [&p.part, &c.tensor, y, &dummy, &p.ml, tb[0], tb[1], tb[2]];
+        let used = if tail_accum.is_some() { 8 } else { 5 };
+        step.dispatch(&kernel(tail_accum), &bindings[..used], &params, groups)?;
     }
     Ok(())
 }
@@ -297,10 +281,10 @@ pub struct Tail<'a> {
     pub accumulate: bool,
 }
 
-impl Tail<'_> {
+impl<'a> Tail<'a> {
     /// Checks the tail against the GEMV's `m` rows of x times `w`, normed or not; its
     /// weight's one chunk.
-    fn check(&self, m: usize, w: &Weight, norm: bool) -> Result<&WeightChunk> {
+    fn check(self, m: usize, w: &Weight, norm: bool) -> Result<&'a WeightChunk> {
         let [c] = self.w.chunks.as_slice() else {
             return Err(shape_err(
                 "matmul tail",
@@ -329,6 +313,27 @@ impl Tail<'_> {
             expect_len("matmul tail", "norm weight", g, w.k)?;
         }
         Ok(c)
+    }
+}
+
+/// The tail's share of one GEMV dispatch over a chunk of `w` (only the last chunk's
+/// carries it): its rows, whether it accumulates (`None`: no tail), and bindings 5-7
+/// (`fill` where unused).
+fn tail_bindings<'a>(
+    tail: Option<Tail<'a>>,
+    last: bool,
+    m: usize,
+    w: &Weight,
+    norm: bool,
+    fill: &'a Tensor,
+) -> Result<(usize, Option<bool>, [&'a Tensor; 3])> {
+    match tail.filter(|_| last) {
+        None => Ok((0, None, [fill; 3])),
+        Some(t) => {
+            let c = t.check(m, w, norm)?;
+            let tensors = [&c.tensor, t.y, t.norm.unwrap_or(fill)];
+            Ok((t.w.n, Some(t.accumulate), tensors))
+        }
     }
 }
 
@@ -1037,34 +1042,25 @@ fn gemm_checked(
                         format!("invalid GEMV split {cfg:?} for M={m}"),
                     ));
                 }
-                // The tail rides on the last chunk's dispatch.
-                let tail = fusion.tail.filter(|_| i + 1 == w.chunks.len());
-                let tail_chunk = match &tail {
-                    Some(t) => Some(t.check(m, w, fusion.norm.is_some())?),
-                    None => None,
-                };
-                let n_tail = tail.map_or(0, |t| t.w.n);
-                let params = [n, k as u32, c.row_start as u32, w.n as u32, eps, 0, 0];
-                let params = [&params[..], &[n_tail as u32]].concat();
+                let normed = fusion.norm.is_some();
+                let last = i + 1 == w.chunks.len();
+                let (n_tail, tail_accum, tb) = tail_bindings(fusion.tail, last, m, w, normed, g)?;
+                let params = [
+                    n,
+                    k as u32,
+                    c.row_start as u32,
+                    w.n as u32,
+                    eps,
+                    0,
+                    0,
+                    n_tail as u32,
+                ];
                 let rpg = cfg.rows_per_group();
                 let groups = grid(step.ctx, c.rows.div_ceil(rpg) + n_tail.div_ceil(rpg));
-                let kernel = gemv_kernel(
-                    m,
-                    cfg,
-                    w.dtype,
-                    fusion.norm.is_some(),
-                    fusion.accumulate,
-                    tail.map(|t| t.accumulate),
-                );
-                match (tail, tail_chunk) {
-                    (Some(t), Some(tc)) => step.dispatch(
-                        &kernel,
-                        &[x, &c.tensor, y, g, g, &tc.tensor, t.y, t.norm.unwrap_or(g)],
-                        &params,
-                        groups,
-                    )?,
-                    _ => step.dispatch(&kernel, &[x, &c.tensor, y, g, g], &params, groups)?,
-                }
+                let kernel = gemv_kernel(m, cfg, w.dtype, normed, fusion.accumulate, tail_accum);
+                let bindings = [x, &c.tensor, y, g, g, tb[0], tb[1], tb[2]];
+                let used = if tail_accum.is_some() { 8 } else { 5 };
+                step.dispatch(&kernel, &bindings[..used], &params, groups)?;
             }
             MatmulPath::Skinny => {
                 let s = frag_size(step.ctx);

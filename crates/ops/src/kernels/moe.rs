@@ -858,17 +858,14 @@ pub fn moe_add_normed(
         residual,
         scratch.routing.tokens * experts.hidden,
     )?;
-    match logits {
-        Logits::Router => {
-            let f = matmul::Fusion {
-                norm: Some(norm),
-                ..Default::default()
-            };
-            matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
-        }
-        Logits::Folded => {}
-    }
     let folded = logits == Logits::Folded;
+    if !folded {
+        let f = matmul::Fusion {
+            norm: Some(norm),
+            ..Default::default()
+        };
+        matmul::matmul_fused(step, residual, router, &scratch.logits, f)?;
+    }
     if scratch.down_combine {
         if scratch.routing.tokens == 1 {
             routed_gate_up(step, residual, norm, experts, shape, scratch, folded)?;

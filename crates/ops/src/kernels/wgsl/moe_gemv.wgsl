@@ -61,18 +61,7 @@ fn moe_gemv_routed(@builtin(workgroup_id) wg: vec3<u32>,
         return;
     }
     if sg == 0u {
-        // LOGIT_RSTD: the logits are R diag(g) x short of x's 1/rms (the two halves of
-        // router_fold.wgsl, summed by the qkv and o_proj GEMVs' tail rows); the subgroup
-        // finds the 1/rms from x itself (the ranking does not need it, the weights do).
-        var scale = 1.0;
-        if LOGIT_RSTD {
-            var ss = 0.0;
-            for (var i = lane; i < p.k / 4u; i += sg_size) {
-                let v = x[i];
-                ss += dot(v, v);
-            }
-            scale = inverseSqrt(subgroupAdd(ss) / f32(p.k) + p.eps);
-        }
+        let scale = logit_scale(0u, p.k, p.eps, lane, sg_size);
         let pick = topk_pick(0u, p.experts, p.top_k, p.norm_topk != 0u, j, lane, sg_size,
                              scale);
         if lane == 0u {

@@ -38,21 +38,6 @@ var<workgroup> offsets: array<u32, MAX_E>;
 var<workgroup> sg_rows: array<u32, 64>;
 var<workgroup> sg_tiles: array<u32, 64>;
 
-// What token t's logits are multiplied by: 1, or (LOGIT_RSTD) the 1/rms of its row of x,
-// by the token's subgroup.
-fn logit_scale(t: u32, lane: u32, sg_size: u32) -> f32 {
-    if !LOGIT_RSTD {
-        return 1.0;
-    }
-    let row = t * (p.hidden / 4u);
-    var ss = 0.0;
-    for (var i = lane; i < p.hidden / 4u; i += sg_size) {
-        let v = x[row + i];
-        ss += dot(v, v);
-    }
-    return inverseSqrt(subgroupAdd(ss) / f32(p.hidden) + p.eps);
-}
-
 @compute @workgroup_size(256)
 fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32,
              @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg_size: u32,
@@ -62,7 +47,7 @@ fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg:
         // expert (ties, only possible for NaN rows, by pick), one row and one tile each: no
         // counters, no scan, no workgroup barrier.
         if sg == 0u {
-            let scale = logit_scale(0u, lane, sg_size);
+            let scale = logit_scale(0u, p.hidden, p.eps, lane, sg_size);
             let picks = topk_picks(0u, p.experts, p.k, p.norm != 0u, lane, sg_size, scale);
             for (var j = lane; j < p.k; j += sg_size) {
                 let e = picks.ids[j];
@@ -90,7 +75,7 @@ fn moe_route(@builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg:
     }
     workgroupBarrier();
     for (var t = sg; t < p.tokens; t += nsg) {
-        let scale = logit_scale(t, lane, sg_size);
+        let scale = logit_scale(t, p.hidden, p.eps, lane, sg_size);
         let picks = topk_picks(t * p.experts, p.experts, p.k, p.norm != 0u, lane, sg_size,
                                scale);
         for (var j = lane; j < p.k; j += sg_size) {

@@ -2,7 +2,25 @@
 // router logits `logits[base .. base + experts)`, top-k by k passes of a subgroup arg-max
 // (ties go to the lower expert index, as the CPU reference defines), weights renormalised
 // over the chosen k when `norm`. Every invocation of the subgroup gets the same picks.
-// Prelude: MAX_K, VPL (logits per invocation: at least experts / subgroup size).
+// Prelude: MAX_K, VPL (logits per invocation: at least experts / subgroup size),
+// LOGIT_RSTD; the including kernel's x (hidden rows as vec4<f32>).
+
+// What token t's logits are multiplied by: 1, or with LOGIT_RSTD (the router fold's logits,
+// R diag(g) x short of x's 1/rms: the two halves of router_fold.wgsl summed by the qkv and
+// o_proj GEMVs' tail rows) the 1/rms of the token's row of x (`k` wide), by the subgroup.
+// The ranking does not need it; the weights do.
+fn logit_scale(t: u32, k: u32, eps: f32, lane: u32, sg_size: u32) -> f32 {
+    if !LOGIT_RSTD {
+        return 1.0;
+    }
+    let row = t * (k / 4u);
+    var ss = 0.0;
+    for (var i = lane; i < k / 4u; i += sg_size) {
+        let v = x[row + i];
+        ss += dot(v, v);
+    }
+    return inverseSqrt(subgroupAdd(ss) / f32(k) + eps);
+}
 
 // A subgroup's view of one token's logits (times `scale`: moe_gemv.wgsl's LOGIT_RSTD): each
 // invocation keeps its experts' logits (lane, lane + sg_size, ..) in registers, so the k
